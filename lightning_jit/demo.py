@@ -1,0 +1,138 @@
+"""The embedded default job: train on scikit-learn's digits, forget one class with JiT, compare with retraining.
+
+Run it with ``lightning-jit demo`` (or ``python -m lightning_jit``). It needs no download: the digits data set ships
+inside scikit-learn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier
+from lightning_jit.module import JiTUnlearning
+
+#: The settings the demo uses for full-class forgetting of the digits CNN. Small steps with the forget-set stopping
+#: rule: plain JiT with one large step sits on a cliff between "nothing happens" and "collapse" (see the README).
+DEMO_JIT_SETTINGS: dict[str, Any] = {
+    "sigma": 0.1,
+    "lr": 0.003,
+    "n_perturbations": 25,
+    "epochs": 30,
+    "target_forget_accuracy": 10.0,
+    "center_logits": True,
+}
+DEMO_BATCH_SIZE = 32
+
+
+@dataclass
+class DemoRow:
+    name: str
+    forget_acc: float
+    forget_test_acc: float
+    retain_test_acc: float
+    test_acc: float
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    forget_class: int
+    rows: list[DemoRow] = field(default_factory=list)
+
+    def row(self, name: str) -> DemoRow:
+        return next(r for r in self.rows if r.name == name)
+
+    def table(self) -> str:
+        """A Markdown table of the demo's figures."""
+        lines = [
+            f"Forgetting digit {self.forget_class} (scikit-learn digits, small CNN). Accuracies in %.",
+            "",
+            "| model | forget set | forget class (test) | other classes (test) | all test | time (s) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.name} | {r.forget_acc:.1f} | {r.forget_test_acc:.1f} | {r.retain_test_acc:.1f} |"
+                f" {r.test_acc:.1f} | {r.seconds:.2f} |"
+            )
+        return "\n".join(lines)
+
+
+def run_demo(forget_class: int = 3, seed: int = 0, train_epochs: int = 15, verbose: bool = True) -> DemoResult:
+    """Train, unlearn one class with JiT, retrain without it, and compare.
+
+    Args:
+        forget_class: The digit to forget.
+        seed: Seed for training, retraining and the JiT noise.
+        train_epochs: Training epochs of the original and the retrained model.
+        verbose: Print progress and the table.
+
+    Returns:
+        The figures for the original, JiT-unlearned and retrained models.
+    """
+    split = load_digits_split()
+    f_train = class_mask(split.y_train, [forget_class])
+    f_test = class_mask(split.y_test, [forget_class])
+    result = DemoResult(forget_class=forget_class)
+
+    def measure(name: str, model: torch.nn.Module, seconds: float) -> None:
+        result.rows.append(
+            DemoRow(
+                name=name,
+                forget_acc=accuracy(model, split.x_train[f_train], split.y_train[f_train]),
+                forget_test_acc=accuracy(model, split.x_test[f_test], split.y_test[f_test]),
+                retain_test_acc=accuracy(model, split.x_test[~f_test], split.y_test[~f_test]),
+                test_acc=accuracy(model, split.x_test, split.y_test),
+                seconds=seconds,
+            )
+        )
+
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"[1/3] training a CNN on scikit-learn's digits ({len(split.y_train)} samples)...")
+    start = time.perf_counter()
+    model = train_classifier(DigitsCNN, split.x_train, split.y_train, epochs=train_epochs, seed=seed)
+    measure("original", model, time.perf_counter() - start)
+
+    say(f"[2/3] forgetting digit {forget_class} with JiT ({int(f_train.sum())} samples, no retain data)...")
+    forget_loader = DataLoader(
+        TensorDataset(split.x_train[f_train], split.y_train[f_train]), batch_size=DEMO_BATCH_SIZE
+    )
+    pl.seed_everything(seed, verbose=False)
+    wrapper = JiTUnlearning(model, **DEMO_JIT_SETTINGS)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=DEMO_JIT_SETTINGS["epochs"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=verbose,
+    )
+    start = time.perf_counter()
+    trainer.fit(wrapper, train_dataloaders=forget_loader)
+    measure("JiT (unlearned)", wrapper.model, time.perf_counter() - start)
+
+    say(f"[3/3] retraining from scratch without digit {forget_class} (the gold standard)...")
+    start = time.perf_counter()
+    retrained = train_classifier(
+        DigitsCNN, split.x_train[~f_train], split.y_train[~f_train], epochs=train_epochs, seed=seed
+    )
+    measure("retrained", retrained, time.perf_counter() - start)
+
+    say("")
+    say(result.table())
+    return result
+
+
+def main() -> None:
+    run_demo()
+
+
+if __name__ == "__main__":
+    main()

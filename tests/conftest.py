@@ -1,0 +1,47 @@
+"""Shared fixtures: real digits data and a trained digits CNN, cached per test session."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from lightning_jit.data import DigitsCNN, load_digits_split, train_classifier
+
+torch.set_num_threads(2)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits_split()
+
+
+@pytest.fixture(scope="session")
+def _trained_state(digits):
+    model = train_classifier(DigitsCNN, digits.x_train, digits.y_train, epochs=15, seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def _trained_bn_state(digits):
+    model = train_classifier(lambda: DigitsCNN(batchnorm=True), digits.x_train, digits.y_train, epochs=10, seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def trained_cnn(_trained_state):
+    """A fresh copy of the digits CNN trained once per session (seeded)."""
+    model = DigitsCNN()
+    model.load_state_dict(_trained_state)
+    return model.eval()
+
+
+@pytest.fixture
+def trained_bn_cnn(_trained_bn_state):
+    model = DigitsCNN(batchnorm=True)
+    model.load_state_dict(_trained_bn_state)
+    return model.eval()
