@@ -1,9 +1,26 @@
 """lightning-jit: JiT zero-shot machine unlearning for PyTorch Lightning."""
 
+from lightning_jit.callback import JiTUnlearningCallback
 from lightning_jit.config import JiTConfig
+from lightning_jit.evaluate import UnlearningEvaluation, UnlearningReport, evaluate_unlearning
+from lightning_jit.guard import CollapseGuard, JiTDivergenceError
+from lightning_jit.io import AtomicCheckpointIO
 from lightning_jit.module import JiTUnlearning
 from lightning_jit.objective import JiTInputError, jit_objective
 
 __version__ = "0.1.0"
 
-__all__ = ["JiTConfig", "JiTInputError", "JiTUnlearning", "jit_objective", "__version__"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CollapseGuard",
+    "JiTConfig",
+    "JiTDivergenceError",
+    "JiTInputError",
+    "JiTUnlearning",
+    "JiTUnlearningCallback",
+    "UnlearningEvaluation",
+    "UnlearningReport",
+    "__version__",
+    "evaluate_unlearning",
+    "jit_objective",
+]

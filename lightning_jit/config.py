@@ -29,6 +29,7 @@ class JiTConfig:
     epochs: int = 1
     reduction: Reduction = "mean"
     center_logits: bool = False
+    normalize_logits: bool = False
     clamp: ClampSpec = None
     norm_policy: str = "eval"
     perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK
@@ -74,7 +75,8 @@ class JiTConfig:
             isinstance(self.target_forget_accuracy, (int, float)) and 0 <= self.target_forget_accuracy <= 100
         ):
             raise MisconfigurationException(
-                f"`target_forget_accuracy` must be a percentage in [0, 100] or None, got {self.target_forget_accuracy!r}."
+                "`target_forget_accuracy` must be a percentage in [0, 100] or None,"
+                f" got {self.target_forget_accuracy!r}."
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise MisconfigurationException(f"`seed` must be an int or None, got {self.seed!r}.")

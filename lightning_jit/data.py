@@ -191,3 +191,66 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
         correct += int((model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / len(y)
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's digits as a LightningDataModule, with a ``forget_dataloader`` hook for the CLI.
+
+    Args:
+        batch_size: Batch size of the train, validation and test loaders.
+        coarse: Use coarse labels ``digit // 2`` (5 classes), for sub-class forgetting.
+        forget_digits: Digits (0-9, fine labels even when ``coarse``) whose training samples ``forget_dataloader``
+            returns, e.g. ``[3]`` to forget the sub-class "3" of coarse class 1.
+        forget_batch_size: Batch size of ``forget_dataloader``.
+        test_size: Fraction held out as the test split.
+        seed: Seed of the split and of the training loader's shuffling.
+
+    Example:
+        >>> dm = DigitsDataModule(forget_digits=[3])
+        >>> dm.setup("fit")
+        >>> len(dm.forget_dataloader().dataset)
+        137
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        coarse: bool = False,
+        forget_digits: list[int] | None = None,
+        forget_batch_size: int = 32,
+        test_size: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.split: DigitsSplit | None = None
+        self.fine_train: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.split is None:
+            self.split = load_digits_split(self.hparams.test_size, self.hparams.seed, coarse=self.hparams.coarse)
+            self.fine_train = fine_digit_labels(self.hparams.test_size, self.hparams.seed)[0]
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.split is not None
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        dataset = TensorDataset(self.split.x_train, self.split.y_train)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.split is not None
+        return DataLoader(TensorDataset(self.split.x_test, self.split.y_test), batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def forget_dataloader(self) -> DataLoader:
+        """The training samples of ``forget_digits``, unshuffled, with their (possibly coarse) training labels."""
+        assert self.split is not None and self.fine_train is not None
+        if not self.hparams.forget_digits:
+            raise MisconfigurationException(
+                "`forget_dataloader` needs `forget_digits`: set `--data.forget_digits` (e.g. [3])."
+            )
+        mask = class_mask(self.fine_train, self.hparams.forget_digits)
+        dataset = TensorDataset(self.split.x_train[mask], self.split.y_train[mask])
+        return DataLoader(dataset, batch_size=self.hparams.forget_batch_size)

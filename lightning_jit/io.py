@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import lightning.pytorch as pl
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
 
 
 @contextlib.contextmanager
@@ -39,18 +46,50 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", overwrite: bool = Tru
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _terminate_cleanly():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+class _Terminated(SystemExit):
+    """SIGTERM arrived while a file was being written; raised so that the temporary file is removed first."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """While writing, turn a SIGTERM with the default (kill) disposition into an exception, then die of it.
+
+    The default SIGTERM action would end the process at once and leave the temporary file behind. Here the signal
+    raises inside the write, the ``except`` clause above removes the temporary file, and the signal is delivered again
+    with its default action, so the process still ends by SIGTERM (exit status -15). A handler someone else installed
+    (Lightning's, during ``fit``) is left alone. Only possible in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise _Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if received:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def atomic_append_line(path: str | os.PathLike, line: str) -> None:
@@ -67,6 +106,62 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True)
     """``torch.save`` through :func:`atomic_write`."""
     with atomic_write(path, "wb", overwrite=overwrite) as fh:
         torch.save(obj, fh)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, but every checkpoint is written through :func:`atomic_write`.
+
+    Lightning's own save writes the bytes straight into the destination (through an fsspec transaction, without
+    fsync); here they go to a temporary file in the same directory, which is fsynced and then renamed over the
+    destination. A crash, SIGINT or SIGTERM therefore leaves either the previous file or the complete new one. Remote
+    (non-local) paths fall back to Lightning's implementation.
+
+    :class:`~lightning_jit.module.JiTUnlearning` installs it on the Trainer it runs in (see
+    :class:`AtomicCheckpoints`); pass it yourself as ``Trainer(plugins=[AtomicCheckpointIO()])`` elsewhere.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.ckpt"
+        >>> AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+        >>> torch.load(path)["state_dict"]["w"].tolist()
+        [1.0, 1.0]
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                "`Trainer.save_checkpoint(..., storage_options=...)` is not supported by AtomicCheckpointIO."
+            )
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)
+
+
+def install_atomic_checkpoint_io(trainer: pl.Trainer) -> bool:
+    """Make ``trainer`` write its checkpoints with :class:`AtomicCheckpointIO`.
+
+    Only Lightning's default ``TorchCheckpointIO`` is replaced: a checkpoint IO the user chose is kept.
+
+    Returns:
+        Whether it was replaced (or already atomic).
+    """
+    strategy = trainer.strategy
+    # None until first used, when Lightning would create a plain TorchCheckpointIO.
+    current = getattr(strategy, "_checkpoint_io", None)
+    if isinstance(current, AtomicCheckpointIO):
+        return True
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return True
+    return False
+
+
+class AtomicCheckpoints(pl.Callback):
+    """Install :class:`AtomicCheckpointIO` on the Trainer at ``setup`` (added by ``JiTUnlearning``)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        install_atomic_checkpoint_io(trainer)
 
 
 def _fsync_dir(directory: Path) -> None:

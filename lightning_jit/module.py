@@ -13,13 +13,28 @@ from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 
 from lightning_jit.config import JiTConfig
-from lightning_jit.guard import RollbackOnError
+from lightning_jit.guard import (
+    NONFINITE_PATIENCE,
+    CollapseGuard,
+    JiTDivergenceError,
+    OnCollapse,
+    Outcome,
+    RollbackOnError,
+    divergence_hint,
+    forward_failure,
+    restore_pre_run,
+    weights_finite,
+)
+from lightning_jit.io import AtomicCheckpoints
 from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec, OutputSelector, Reduction
+from lightning_jit.scale import check_strategy, distributed_step_kwargs, gradient_scaler
 from lightning_jit.step import ForgetAccuracyWindow, jit_step, trainable_parameters
 
 _PREFIX = "model."
 #: Checkpoint key under which the wrapper keeps its own hyperparameters next to the wrapped model's.
 JIT_HPARAMS_KEY = "jit_hyper_parameters"
+#: Checkpoint key of :meth:`JiTUnlearning.safety_report` (outcome and collapse-guard events).
+JIT_SAFETY_KEY = "jit_safety"
 _FORMAT_KEY = "jit_state_dict_format"
 _FORMAT = "wrapped-model"
 
@@ -56,8 +71,10 @@ class JiTUnlearning(pl.LightningModule):
         reduction: ``"mean"`` over samples and perturbations (default), or ``"sum"`` over samples as in the reference.
             A reference learning rate ``eta_sum`` at batch size ``B`` equals ``lr = eta_sum * B`` with ``"mean"``.
         center_logits: Measure the outputs' differences after removing their mean over classes, i.e. only the part
-            of the logits that softmax sees (``False``, the reference, uses raw logits). On the digits benchmark this
-            keeps more retained accuracy at the same amount of forgetting.
+            of the logits that softmax sees (``False``, the reference, uses raw logits).
+        normalize_logits: Compare unit-normalised outputs, so that JiT cannot lower its objective by inflating the
+            logits of a neighbouring class (which then swallows retained samples: the usual collapse). On the digits
+            benchmark this keeps several points more retained accuracy at the same forgetting; see the README.
         clamp: ``None``, ``"batch"`` (clamp perturbed inputs to the batch min/max, as the reference) or
             ``(low, high)``.
         norm_policy: ``"eval"`` (default) or ``"train"``; see above.
@@ -66,14 +83,29 @@ class JiTUnlearning(pl.LightningModule):
             sample's noise with ``(seed, id, epoch)``; without ids a generator seeded with ``seed`` is used.
         momentum: SGD momentum (default 0, plain SGD as in the reference). Ignored if ``optimizer`` is given.
         target_forget_accuracy: A stopping rule computed from the forget set alone. If set (in percent), the run
-            stops as soon as the forget set's accuracy over its most recent 64 samples falls to this value, measured for free from
-            the clean logits of each step; ``epochs`` is then the most passes allowed. It needs labelled batches.
+            stops as soon as the forget set's accuracy over its most recent 64 samples falls to this value, measured
+            for free from the clean logits of each step; ``epochs`` is then the most passes allowed. It needs
+            labelled batches.
             Small steps plus this rule avoid the overshoot that makes plain JiT collapse.
         input_key: Where the input is in a tuple/list (index) or dict (key) batch.
         label_key: Where the labels are in a tuple/list (index) or dict (key) batch, for the stopping rule.
         output_selector: How to find the logits in the model's output (index, key or callable).
         batch_to_input: Callable mapping any batch to its input tensor; overrides ``input_key``.
         optimizer: Optional factory ``params -> Optimizer`` to replace plain SGD.
+        guard: The collapse guard (:class:`~lightning_jit.guard.CollapseGuard`), on by default; ``False`` turns it
+            off, or pass a configured ``CollapseGuard``. Divergence protection is always on: non-finite weights or
+            ``NONFINITE_PATIENCE`` consecutive non-finite steps restore the weights from before the run bit for bit
+            and raise :class:`~lightning_jit.guard.JiTDivergenceError`; an isolated non-finite step is skipped.
+        monitor: Optional held-out loader of labelled batches the user owns (e.g. retained-class test data). It is
+            only evaluated, never used for gradients. Without it the guard uses a check computed from the model and
+            the forget set alone (see ``docs/safety.md``).
+        max_drop: With ``monitor``: the largest allowed fall of its accuracy (points) before the guard intervenes.
+        check_every: The guard checks every this many steps.
+        on_collapse: ``"halve_lr"`` (restore, halve the learning rate, go on) or ``"stop"`` (restore and stop).
+        compile_model: Run the JiT step's forward passes through ``torch.compile(model)`` (``True``, or a dict of
+            ``torch.compile`` keyword arguments). Off by default: compilation costs time up front and pays off only
+            for large batches (measured in ``docs/benchmarks.md``: 1.56x at batch 128 on the digits CNN on a CPU,
+            0.90x at batch 1). The weights, checkpoints and ``wrapper.model`` stay the uncompiled module's.
 
     Example:
         >>> import torch, lightning.pytorch as pl
@@ -97,6 +129,7 @@ class JiTUnlearning(pl.LightningModule):
         epochs: int = 1,
         reduction: Reduction = "mean",
         center_logits: bool = False,
+        normalize_logits: bool = False,
         clamp: ClampSpec = None,
         norm_policy: str = "eval",
         perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK,
@@ -108,6 +141,12 @@ class JiTUnlearning(pl.LightningModule):
         output_selector: OutputSelector = None,
         batch_to_input: Callable[[Any], Any] | None = None,
         optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,
+        guard: bool | CollapseGuard = True,
+        monitor: Iterable[Any] | None = None,
+        max_drop: float = 2.0,
+        check_every: int = 1,
+        on_collapse: OnCollapse = "halve_lr",
+        compile_model: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -128,6 +167,7 @@ class JiTUnlearning(pl.LightningModule):
             epochs=epochs,
             reduction=reduction,
             center_logits=center_logits,
+            normalize_logits=normalize_logits,
             clamp=clamp,
             norm_policy=norm_policy,
             perturbation_chunk=perturbation_chunk,
@@ -146,7 +186,32 @@ class JiTUnlearning(pl.LightningModule):
         self.stopped_early = False
         self._generator: torch.Generator | None = None
         self._window: ForgetAccuracyWindow | None = None
-        self.save_hyperparameters(ignore=["model", "output_selector", "batch_to_input", "optimizer"])
+        self._step_kwargs: dict[str, Any] = {}
+        if not isinstance(compile_model, (bool, dict)):
+            raise MisconfigurationException(
+                f"`compile_model` must be True, False or a dict of torch.compile arguments, got {compile_model!r}."
+            )
+        self._compile_options = compile_model
+        self._compiled: list[Callable[..., Any]] = []  # a list, so that the compiled module is no submodule
+        if isinstance(guard, CollapseGuard):
+            if monitor is not None:
+                raise MisconfigurationException("Pass `monitor` to the CollapseGuard you give as `guard`, not to both.")
+            self.guard: CollapseGuard | None = guard
+        elif isinstance(guard, bool):
+            self.guard = (
+                CollapseGuard(monitor=monitor, max_drop=max_drop, check_every=check_every, on_collapse=on_collapse)
+                if guard
+                else None
+            )
+        else:
+            raise MisconfigurationException(
+                f"`guard` must be True, False or a CollapseGuard, got {type(guard).__name__}."
+            )
+        self.diverged = False
+        self._nonfinite_streak = 0
+        self.save_hyperparameters(
+            ignore=["model", "output_selector", "batch_to_input", "optimizer", "guard", "monitor"]
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -161,7 +226,10 @@ class JiTUnlearning(pl.LightningModule):
         return SGD(params, lr=self.config.lr, momentum=self.config.momentum)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [RollbackOnError()]
+        callbacks: list[pl.Callback] = [RollbackOnError(), AtomicCheckpoints()]
+        if self.guard is not None:
+            callbacks.append(self.guard)
+        return callbacks
 
     def on_fit_end(self) -> None:
         # Lightning skips the whole training loop (and `on_train_start`) when the loader has no batch.
@@ -171,7 +239,15 @@ class JiTUnlearning(pl.LightningModule):
                 " Check the forget-set selection (and `limit_train_batches`)."
             )
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer, type(self).__name__)
+        if self._compile_options is not False and not self._compiled:
+            options = self._compile_options if isinstance(self._compile_options, dict) else {}
+            self._compiled.append(torch.compile(self.model, **options))
+
     def on_train_start(self) -> None:
+        # Under DDP: how batches are split between processes, and the loss scale for DDP's gradient average.
+        self._step_kwargs = distributed_step_kwargs(self.trainer, self.trainer.train_dataloader, type(self).__name__)
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and 0 <= max_epochs < self.config.epochs:
             rank_zero_warn(
@@ -180,6 +256,8 @@ class JiTUnlearning(pl.LightningModule):
             )
         self._window = ForgetAccuracyWindow()
         self.stopped_early = False
+        self.diverged = False
+        self._nonfinite_streak = 0
         if self.config.seed is not None:
             self._generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
             self._generator.manual_seed(self.config.seed)
@@ -187,29 +265,87 @@ class JiTUnlearning(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         params = trainable_parameters(self.model)
-        result = jit_step(
-            self.model,
-            batch,
-            self.config,
-            optimizer,
-            self.manual_backward,
-            params,
-            epoch=self.current_epoch,
-            generator=self._generator,
-            step_optimizer=optimizer.step,
-        )
+        try:
+            result = jit_step(
+                self._compiled[0] if self._compiled else self.model,
+                batch,
+                self.config,
+                optimizer,
+                self.manual_backward,
+                params,
+                norm_module=self.model,
+                epoch=self.current_epoch,
+                generator=self._generator,
+                step_optimizer=optimizer.step,
+                scaler=gradient_scaler(self.trainer),
+                **self._step_kwargs,
+            )
+        except (RuntimeError, TypeError) as err:  # e.g. a shape or dtype the model cannot take: name the cause
+            raise forward_failure(self.model, batch, self.config, err) from err
         if not result.applied:
             self.skipped_steps += 1
             rank_zero_warn(
                 f"JiT step {self.global_step} skipped: the loss or gradients were not finite"
                 f" ({self.skipped_steps} skipped so far). A smaller `lr` or a larger `sigma` may help."
             )
-        self.log("jit_loss", result.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=result.count)
+        self._check_divergence(result.applied, bool(torch.isfinite(result.loss)))
+        if result.applied and self.global_step <= 1 and float(result.loss) == 0.0:
+            rank_zero_warn(
+                "The JiT loss is exactly 0, so JiT changes nothing: every perturbation was rounded or clamped away."
+                f" Increase `sigma` (now {self.config.sigma:g}) or relax `clamp` (now {self.config.clamp!r})."
+            )
+        self.log("jit_loss", result.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=max(1, result.count))
         if result.correct is not None and self._window is not None:
             self._window.update(result.correct, result.count)
             self._check_stopping_rule()
         self.log("jit_skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max")
         return result.loss
+
+    def _check_divergence(self, applied: bool, loss_finite: bool) -> None:
+        """Tell an isolated overflow (skip the step, go on) from a divergence (restore the original weights, raise).
+
+        Diverged: the weights are no longer finite after a step, or ``NONFINITE_PATIENCE`` consecutive steps had a
+        non-finite loss (without a ``GradScaler``: or non-finite gradients; with one, skipped steps are its normal
+        scale search and do not count).
+        """
+        scaler = gradient_scaler(self.trainer)
+        counts = not loss_finite if (scaler is not None and scaler.is_enabled()) else not applied
+        self._nonfinite_streak = self._nonfinite_streak + 1 if counts else 0
+        if applied and not weights_finite(self.model):
+            reason = "the weights became NaN/Inf after an update"
+        elif self._nonfinite_streak >= NONFINITE_PATIENCE:
+            reason = f"{self._nonfinite_streak} consecutive steps had a non-finite loss or gradients"
+        else:
+            return
+        self.diverged = True
+        restore_pre_run(self.trainer, self)
+        raise JiTDivergenceError(
+            f"JiT diverged at step {self.global_step}: {reason}. The weights from before the run were restored bit for"
+            f" bit. {divergence_hint(self.config)}"
+        )
+
+    def on_guard_rollback(self) -> None:
+        """Called by :class:`~lightning_jit.guard.CollapseGuard` after it restored earlier weights."""
+        self._window = ForgetAccuracyWindow()  # its samples were measured on the discarded weights
+        self.stopped_early = False
+        self._nonfinite_streak = 0
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the last run ended: ``"completed"``, ``"stopped_early"``, ``"rolled_back"`` or ``"diverged"``."""
+        if self.diverged or (self.guard is not None and self.guard.diverged):
+            return "diverged"
+        if self.guard is not None and self.guard.events:
+            return "rolled_back"
+        return "stopped_early" if self.stopped_early else "completed"
+
+    def safety_report(self) -> dict[str, Any]:
+        """The outcome, skipped steps and the collapse guard's report (thresholds, measurements, events), for audits."""
+        return {
+            "outcome": self.outcome,
+            "skipped_steps": self.skipped_steps,
+            "guard": self.guard.report() if self.guard is not None else None,
+        }
 
     def _check_stopping_rule(self) -> None:
         assert self._window is not None
@@ -239,8 +375,13 @@ class JiTUnlearning(pl.LightningModule):
             k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v for k, v in checkpoint["state_dict"].items()
         }
         checkpoint[JIT_HPARAMS_KEY] = self.config.hparams()
+        checkpoint[JIT_SAFETY_KEY] = self.safety_report()
         checkpoint[_FORMAT_KEY] = _FORMAT
-        for key in (self.CHECKPOINT_HYPER_PARAMS_KEY, self.CHECKPOINT_HYPER_PARAMS_NAME, self.CHECKPOINT_HYPER_PARAMS_TYPE):
+        for key in (
+            self.CHECKPOINT_HYPER_PARAMS_KEY,
+            self.CHECKPOINT_HYPER_PARAMS_NAME,
+            self.CHECKPOINT_HYPER_PARAMS_TYPE,
+        ):
             checkpoint.pop(key, None)
         if isinstance(self.model, pl.LightningModule) and self.model.hparams:
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = dict(self.model.hparams)
@@ -251,4 +392,3 @@ class JiTUnlearning(pl.LightningModule):
         """Accept checkpoints in the wrapped model's format (as written by :meth:`on_save_checkpoint`)."""
         if checkpoint.get(_FORMAT_KEY) == _FORMAT:
             checkpoint["state_dict"] = {_PREFIX + k: v for k, v in checkpoint["state_dict"].items()}
-

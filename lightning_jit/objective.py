@@ -20,20 +20,22 @@ allows, and the noise is drawn on the input's device.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 Reduction = Literal["mean", "sum"]
-ClampSpec = Union[None, Literal["batch"], tuple[float, float]]
-OutputSelector = Union[None, int, str, Callable[[Any], Tensor]]
+ClampSpec = Literal["batch"] | tuple[float, float] | None
+OutputSelector = int | str | Callable[[Any], Tensor] | None
 
 #: Default number of perturbed samples sent through the model in one no-grad forward pass. Chosen from
-#: ``benchmarks/bench_objective.py`` on 2 CPU cores: large enough that per-call overhead vanishes for small inputs,
-#: small enough that the activations of a CIFAR-size ResNet18 chunk stay in the hundreds of MB.
-DEFAULT_PERTURBATION_CHUNK = 1024
+#: ``benchmarks/bench_objective.py`` on 2 CPU cores (docs/benchmarks.md): at batch 128 and N=25, chunks of 256 were
+#: the fastest of 128/256/1024/4096/all for both the digits CNN and ResNet18 (3x32x32); one pass of all 3,200
+#: copies was ~1.6x slower than chunks of 256 (cache-sized activations win on CPU). Raise it on a GPU.
+DEFAULT_PERTURBATION_CHUNK = 256
 
 
 class JiTInputError(ValueError):
@@ -103,7 +105,9 @@ def check_forget_input(x: Any) -> Tensor:
             " so that the input tensor can be found in the batch."
         )
     if x.dim() < 2 or x.shape[0] == 0:
-        raise JiTInputError(f"The forget batch input must have shape (batch, ...) with batch >= 1, got {tuple(x.shape)}.")
+        raise JiTInputError(
+            f"The forget batch input must have shape (batch, ...) with batch >= 1, got {tuple(x.shape)}."
+        )
     if not torch.is_floating_point(x):
         raise JiTInputError(
             f"The forget batch input has dtype {x.dtype}; JiT perturbs inputs with Gaussian noise and needs floating"
@@ -179,6 +183,24 @@ class NoiseStream:
         return noise.mul_(self.sigma)
 
 
+def _output_geometry(logits: Tensor, center: bool, normalize: bool) -> Tensor:
+    """The outputs the ratio's numerator compares, in float32: raw, centred over classes, and/or unit-normalised."""
+    out = logits.float()
+    if center:
+        out = out - out.mean(dim=1, keepdim=True)
+    if normalize:
+        out = torch.nn.functional.normalize(out, dim=1)
+    return out
+
+
+def _is_count(value: Any) -> bool:
+    """An integer >= 1 (a bool or a float like 2.5 is not)."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        return False
+
+
 def _clamp_bounds(x: Tensor, clamp: ClampSpec) -> tuple[float, float] | tuple[Tensor, Tensor] | None:
     if clamp is None:
         return None
@@ -227,6 +249,7 @@ def jit_objective(
     perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK,
     clean_logits: Tensor | None = None,
     center_logits: bool = False,
+    normalize_logits: bool = False,
 ) -> Tensor:
     """The JiT loss: a Monte-Carlo estimate of the local Lipschitz constant of ``model`` around each sample of ``x``.
 
@@ -257,6 +280,10 @@ def jit_objective(
         center_logits: Subtract each output's mean over classes before taking differences, i.e. measure only the
             part of the logits that softmax sees. A shift of all logits by the same amount changes no prediction,
             but the raw-logit objective (the reference's) spends part of every update on it.
+        normalize_logits: Divide every output by its L2 norm before taking differences (after centring, if both
+            are set), so the objective measures how the *direction* of the logits changes. With raw logits, JiT can
+            lower its ratio by inflating the logits of a neighbouring class until it swallows the forget samples and
+            many retained ones (the collapse seen in practice); the scale-free objective has no such incentive.
 
     Returns:
         A scalar tensor (float32).
@@ -272,11 +299,15 @@ def jit_objective(
     """
     if reduction not in ("mean", "sum"):
         raise JiTInputError(f'`reduction` must be "mean" or "sum", got {reduction!r}.')
-    if not sigma > 0:
-        raise JiTInputError(f"`sigma` must be > 0, got {sigma!r}. Try a value around 0.1-1x the input's std.")
-    if int(n_perturbations) < 1:
-        raise JiTInputError(f"`n_perturbations` must be >= 1, got {n_perturbations!r}.")
-    if perturbation_chunk is not None and int(perturbation_chunk) < 1:
+    try:
+        sigma_ok = 0 < float(sigma) < float("inf")
+    except (TypeError, ValueError):
+        sigma_ok = False
+    if not sigma_ok:
+        raise JiTInputError(f"`sigma` must be finite and > 0, got {sigma!r}. Try 0.1-1x the input's std.")
+    if not _is_count(n_perturbations):
+        raise JiTInputError(f"`n_perturbations` must be an integer >= 1, got {n_perturbations!r}.")
+    if perturbation_chunk is not None and not _is_count(perturbation_chunk):
         raise JiTInputError(f"`perturbation_chunk` must be >= 1 or None, got {perturbation_chunk!r}.")
     check_forget_input(x)
     batch_size = x.shape[0]
@@ -286,35 +317,35 @@ def jit_objective(
 
     if clean_logits is None:
         clean_logits = select_output(model(x), output_selector)
-    clean = _check_logits(clean_logits, batch_size)
+    clean = _output_geometry(_check_logits(clean_logits, batch_size), center_logits, normalize_logits)
 
     noise = NoiseStream(x, sigma, generator=generator, keys=keys, seed=seed, epoch=epoch)
     pending: dict[int, Tensor] = {}  # noise of the perturbation indices the current chunk touches
     total = clean.new_zeros((), dtype=torch.float32)
     for group in _chunks(n, batch_size, chunk):
-        inputs, denominators, rows = [], [], []
+        x_parts, noise_parts = [], []
         for j, start, stop in group:
             if j not in pending:
                 pending.clear()
                 pending[j] = noise.next()
-            x_part = x[start:stop]
-            perturbed = x_part + pending[j][start:stop].to(x.dtype)
-            if bounds is not None:
-                perturbed = perturbed.clamp(bounds[0], bounds[1])
-            inputs.append(perturbed)
-            change = (perturbed.float() - x_part.float()).flatten(1)
-            denominators.append(change.norm(dim=1))
-            rows.append(torch.arange(start, stop, device=x.device))
+            whole = start == 0 and stop == batch_size
+            x_parts.append(x if whole else x[start:stop])
+            noise_parts.append(pending[j] if whole else pending[j][start:stop])
+        # The whole chunk at once (elementwise, so the same values as part by part): few ops per chunk, not per part.
+        x_rows = x_parts[0] if len(x_parts) == 1 else torch.cat(x_parts)
+        perturbed = x_rows + (noise_parts[0] if len(noise_parts) == 1 else torch.cat(noise_parts)).to(x.dtype)
+        if bounds is not None:
+            perturbed = perturbed.clamp(bounds[0], bounds[1])
+        denominator = (perturbed.float() - x_rows.float()).flatten(1).norm(dim=1)
         with torch.no_grad():
-            perturbed_out = select_output(model(torch.cat(inputs)), output_selector)
-        perturbed_out = _check_logits(perturbed_out, sum(len(r) for r in rows)).detach()
-        index = torch.cat(rows)
-        difference = clean[index].float() - perturbed_out.float()
-        if center_logits:
-            difference = difference - difference.mean(dim=1, keepdim=True)
-        numerator = difference.norm(dim=1)
+            perturbed_out = select_output(model(perturbed), output_selector)
+        perturbed_out = _check_logits(perturbed_out, perturbed.shape[0]).detach()
+        perturbed_out = _output_geometry(perturbed_out, center_logits, normalize_logits)
+        # A chunk is a contiguous run of the (perturbation, sample) rows: row r is sample r mod B.
+        first = group[0][0] * batch_size + group[0][1]
+        index = torch.arange(first, first + perturbed.shape[0], device=x.device) % batch_size
+        numerator = (clean[index] - perturbed_out).norm(dim=1)
         # A perturbation that clamping undid entirely has no defined ratio: it contributes nothing.
-        denominator = torch.cat(denominators)
         ratio = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         total = total + ratio.sum()
 

@@ -88,13 +88,17 @@ def normalization_mode(model: nn.Module, policy: str) -> Iterator[None]:
     ``"eval"``: BatchNorm uses (and keeps) its running statistics and dropout is off, so the noise never changes
     BatchNorm buffers. ``"train"``: the model stays in train mode, as in the reference.
     """
+    want = policy == "train"
     modes = [(m, m.training) for m in model.modules()]
+    changed = any(training != want for _, training in modes)  # usually not: then there is nothing to do per step
     try:
-        model.train(policy == "train")
+        if changed:
+            model.train(want)
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        if changed:
+            for module, training in modes:
+                module.training = training
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -102,10 +106,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def gradients_finite(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.stack([g.detach().float().isfinite().all() for g in grads]).all())
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    flags = []
+    try:
+        for (device, _), group in groups.items():
+            # One fused pass per device and dtype, as GradScaler checks gradients (multiplying by 1 changes nothing).
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+            flags.append(found)
+    except (RuntimeError, NotImplementedError, AttributeError):  # a dtype or device the fused check does not take
+        return bool(torch.stack([g.float().isfinite().all() for g in grads]).all())
+    return not bool(torch.cat([f.to(grads[0].device) for f in flags]).any())
 
 
 @dataclass
@@ -174,6 +190,11 @@ def jit_step(
     epoch: int = 0,
     generator: torch.Generator | None = None,
     step_optimizer: Callable[[], Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    shard: tuple[int, int] | None = None,
+    grad_average_size: int = 1,
+    agree: Callable[[bool], bool] | None = None,
 ) -> StepResult:
     """Run one JiT update on one forget batch.
 
@@ -191,38 +212,116 @@ def jit_step(
         epoch: The JiT epoch, combined with ``config.seed`` and the sample ids for keyed noise.
         generator: Generator for the noise when no per-sample keys are used.
         step_optimizer: Applies the step (default ``optimizer.step``); e.g. a ``LightningOptimizer``'s step.
+        scaler: The precision plugin's ``GradScaler`` under ``"16-mixed"`` (``trainer.precision_plugin.scaler``), or
+            ``None``. With a scaler, ``backward`` must scale the loss (the strategy's backward does) and the step
+            always goes through the scaler, which skips a step with non-finite gradients and lowers its scale;
+            ``step_optimizer`` must then run ``scaler.step`` and ``scaler.update`` (a ``LightningOptimizer``'s step
+            under manual optimization does), or be ``None`` to let this function call them itself.
+        forward_context: A context manager factory for the forward passes, e.g. the precision plugin's
+            ``forward_context`` (the wrapper's ``training_step`` already runs under it; a callback needs it).
+        shard: ``(rank, world_size)`` when every process receives the same *global* batch: this process then uses
+            only its contiguous share of the batch, so the result does not depend on the number of processes.
+        grad_average_size: The number of processes whose gradients the strategy averages (DDP's world size). The
+            loss is scaled so that the averaged gradient equals that of one process running the global batch.
+        agree: Combines this process's "the step is finite" decision with the others' (e.g.
+            ``strategy.reduce_boolean_decision(..., all=True)``) so that all ranks skip together.
     """
     x = batch_to_input(batch, config)
     labels = batch_labels(batch, config)
     keys = batch_keys(batch) if config.seed is not None else None
+    global_size = int(x.shape[0]) * (1 if shard is not None else max(1, int(grad_average_size)))
+    if shard is not None:
+        x, labels, keys = _take_shard(x, labels, keys, *shard)
     optimizer.zero_grad(set_to_none=True)
     target = norm_module if norm_module is not None else model
-    with normalization_mode(target, config.norm_policy):
-        clean = select_output(model(x), config.output_selector)
-        loss = jit_objective(
-            model,
-            x,
-            config.sigma,
-            config.n_perturbations,
-            reduction=config.reduction,
-            clamp=config.clamp,
-            output_selector=config.output_selector,
-            generator=generator,
-            keys=keys,
-            seed=config.seed or 0,
-            epoch=epoch,
-            perturbation_chunk=config.perturbation_chunk,
-            clean_logits=clean,
-            center_logits=config.center_logits,
-        )
+    context = forward_context() if forward_context is not None else contextlib.nullcontext()
+    with normalization_mode(target, config.norm_policy), context:
+        if x.shape[0] == 0:
+            # This rank's share of a small global batch is empty. It must still take part in the gradient
+            # all-reduce, so it back-propagates a zero that reaches every parameter the clean pass reaches.
+            full = batch_to_input(batch, config)[:1]
+            clean = select_output(model(full), config.output_selector)
+            loss = clean.float().sum() * 0.0
+            clean = clean[:0]
+        else:
+            clean = select_output(model(x), config.output_selector)
+            loss = jit_objective(
+                model,
+                x,
+                config.sigma,
+                config.n_perturbations,
+                reduction="sum" if (shard is not None or grad_average_size > 1) else config.reduction,
+                clamp=config.clamp,
+                output_selector=config.output_selector,
+                generator=generator,
+                keys=keys,
+                seed=config.seed or 0,
+                epoch=epoch,
+                perturbation_chunk=config.perturbation_chunk,
+                clean_logits=clean,
+                center_logits=config.center_logits,
+                normalize_logits=config.normalize_logits,
+            )
+    if shard is not None or grad_average_size > 1:
+        # Rule: DDP averages the W ranks' gradients, so rank r's loss is W * (its sum of ratios) / B_global
+        # ("mean") or W * (its sum of ratios) ("sum"); their average is the one-process loss of the global batch.
+        world = max(1, int(shard[1] if shard is not None else grad_average_size))
+        loss = loss * (world / global_size if config.reduction == "mean" else world)
     correct = None
     if labels is not None and labels.shape[0] == clean.shape[0]:
         correct = int((clean.detach().argmax(1) == labels.to(clean.device)).sum())
     if not loss.requires_grad:
         raise JiTInputError("The JiT loss has no gradient: the model has no trainable parameter on its output path.")
     backward(loss)
-    applied = bool(torch.isfinite(loss)) and gradients_finite(params)
-    if applied:
-        (step_optimizer or optimizer.step)()
+    loss_finite = bool(torch.isfinite(loss))
+    if scaler is not None and scaler.is_enabled():
+        applied = _scaled_step(optimizer, params, scaler, step_optimizer, agree(loss_finite) if agree else loss_finite)
+    else:
+        applied = loss_finite and gradients_finite(params)
+        if agree is not None:
+            applied = bool(agree(applied))
+        if applied:
+            (step_optimizer or optimizer.step)()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss.detach(), applied=applied, correct=correct, count=int(x.shape[0]))
+
+
+def _take_shard(
+    x: Tensor, labels: Tensor | None, keys: list[Any] | None, rank: int, world_size: int
+) -> tuple[Tensor, Tensor | None, list[Any] | None]:
+    """Rank ``rank``'s contiguous share of a global batch: ``ceil(B / world_size)`` samples (fewer for the last)."""
+    per_rank = -(-int(x.shape[0]) // max(1, int(world_size)))
+    start, stop = rank * per_rank, min(int(x.shape[0]), (rank + 1) * per_rank)
+    start = min(start, stop)
+    return (
+        x[start:stop],
+        labels[start:stop] if labels is not None and labels.shape[0] == x.shape[0] else labels,
+        keys[start:stop] if keys is not None else None,
+    )
+
+
+def _scaled_step(
+    optimizer: Optimizer,
+    params: list[nn.Parameter],
+    scaler: torch.amp.GradScaler,
+    step_optimizer: Callable[[], Any] | None,
+    loss_finite: bool,
+) -> bool:
+    """Step through a ``GradScaler``: it skips non-finite gradients itself and still updates its scale.
+
+    Returns whether the step was applied: the scaler lowers its scale exactly when it skips a step.
+    """
+    if not loss_finite and gradients_finite(params):
+        # A non-finite loss with finite gradients must not be applied either: make the scaler see it, so that it
+        # skips the step and lowers its scale as for any overflow.
+        for p in params:
+            if p.grad is not None:
+                p.grad.view(-1)[:1] = float("nan")
+                break
+    before = float(scaler.get_scale())
+    if step_optimizer is not None:
+        step_optimizer()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return float(scaler.get_scale()) >= before

@@ -60,20 +60,25 @@ def test_gradients_flow_only_through_clean_pass():
     clean = model(x)
     manual = sum(
         (torch.linalg.vector_norm(clean - t, dim=1) / torch.linalg.vector_norm(xi.flatten(1), dim=1)).sum()
-        for t, xi in zip(targets, noise)
+        for t, xi in zip(targets, noise, strict=True)
     ) / (3 * 4)
     expected = torch.autograd.grad(manual, list(model.parameters()))
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
     # And a version whose perturbed pass keeps its graph gives different gradients, so the test can fail.
     clean = model(x)
-    with_grad = sum(
-        (torch.linalg.vector_norm(clean - model(x + xi), dim=1) / torch.linalg.vector_norm(xi.flatten(1), dim=1)).sum()
-        for xi in noise
-    ) / 12
+    with_grad = (
+        sum(
+            (
+                torch.linalg.vector_norm(clean - model(x + xi), dim=1) / torch.linalg.vector_norm(xi.flatten(1), dim=1)
+            ).sum()
+            for xi in noise
+        )
+        / 12
+    )
     other = torch.autograd.grad(with_grad, list(model.parameters()))
-    assert any(not torch.allclose(g, o) for g, o in zip(grads, other))
+    assert any(not torch.allclose(g, o) for g, o in zip(grads, other, strict=True))
 
 
 def test_sum_is_batch_size_times_mean():
@@ -209,3 +214,41 @@ def test_memory_does_not_grow_with_n():
     assert p100 <= p25 * 1.05
     # The measurement can fail: unchunked, N=100 needs several times the memory of N=25.
     assert peak(100, None) > 2 * peak(25, None)
+
+
+@pytest.mark.parametrize(("center", "normalize"), [(True, False), (False, True), (True, True)])
+def test_output_geometry_options_equal_naive_loop(center, normalize):
+    """`center_logits` / `normalize_logits` equal the naive loop on transformed outputs."""
+    base = _net()
+
+    def transformed(z):
+        out = base(z)
+        if center:
+            out = out - out.mean(dim=1, keepdim=True)
+        if normalize:
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out
+
+    x = torch.randn(5, 3, 4)
+    noise = _same_noise(x, 0.3, 4, seed=9)
+    got = jit_objective(
+        base, x, 0.3, 4, center_logits=center, normalize_logits=normalize, generator=torch.Generator().manual_seed(9)
+    )
+    torch.testing.assert_close(got, _naive(transformed, x, noise), rtol=1e-5, atol=1e-6)
+    raw = jit_objective(base, x, 0.3, 4, generator=torch.Generator().manual_seed(9))
+    assert not torch.allclose(got, raw)
+
+
+def test_normalized_objective_is_scale_free():
+    """Scaling the logits by 10 scales the raw objective by 10 and leaves the normalised one unchanged."""
+    base = _net()
+    x = torch.randn(5, 3, 4)
+
+    def scaled(z):
+        return 10 * base(z)
+
+    def loss(model, normalize):
+        return jit_objective(model, x, 0.3, 4, normalize_logits=normalize, generator=torch.Generator().manual_seed(1))
+
+    torch.testing.assert_close(loss(scaled, False), 10 * loss(base, False))
+    torch.testing.assert_close(loss(scaled, True), loss(base, True))

@@ -1,0 +1,65 @@
+"""Tiny configurations of the speed benchmark and the GPU check, so that they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_objective
+from benchmarks.reference_port import reference_step
+from lightning_jit.objective import jit_objective
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_objective_tiny_run_reports_every_method(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = bench_objective.main(
+        ["--models", "digits", "--batches", "2", "--n", "3", "--repeats", "2", "--chunks", "4", "--json", str(out)]
+    )
+    methods = {r.method for r in rows}
+    assert methods == {"library", "library[chunk=4]", "reference", "floor"}
+    assert all(r.samples_per_s > 0 and r.batch == 2 and r.n == 3 for r in rows)
+    assert len(json.loads(out.read_text())) == len(rows)
+    (ratios,) = bench_objective.ratios(rows).values()
+    assert set(ratios) == {"library/reference", "library/floor"}
+
+
+def test_benchmark_compares_the_same_objective():
+    """The library and the reference port time the same quantity: with the same noise, the same loss ("sum")."""
+    torch.manual_seed(0)
+    model = bench_objective.build_model("digits").eval()
+    x = torch.randn(3, 1, 8, 8)
+    torch.manual_seed(1)
+    want = reference_step(model, x, 0.1, 4)  # draws randn(x.shape) on the CPU per perturbation
+    torch.manual_seed(1)
+    got = jit_objective(model, x, 0.1, 4, reduction="sum", clamp="batch", perturbation_chunk=None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMEOUT="280")
+    for stale in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(stale, None)  # left behind by an earlier ddp_spawn test in this session
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["failed"] == []
+    assert set(summary["checks"]) == {"bf16_forgets_like_32", "fp16_scaler_skip", "ddp_equals_single"}
+    assert summary["checks"]["fp16_scaler_skip"]["skipped_and_scale_with_bad_batch"][0] >= 1
+    assert {(r["precision"], r["method"]) for r in summary["bench"]} == {
+        (p, m) for p in ("32-true", "bf16-mixed") for m in ("library", "reference", "floor")
+    }
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# lightning-jit GPU check: cpu")

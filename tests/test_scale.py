@@ -1,0 +1,176 @@
+"""Precision, multi-process strategies and world-size-independent results, on CPU with gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _utils import quiet_trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_jit import JiTUnlearning
+from lightning_jit.data import DigitsCNN, accuracy, class_mask
+from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS
+from lightning_jit.step import _take_shard
+
+MARK = 40.0  # a pixel value no digit has (they are normalised): the model below returns Inf for such samples
+
+
+class InfOnMarkedBatch(DigitsCNN):
+    """A digits CNN whose outputs are infinite for samples whose first pixel is ``MARK`` (and their perturbations)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        marked = x.flatten(1)[:, :1] > MARK / 2
+        return out * torch.where(marked, torch.full_like(marked, float("inf"), dtype=out.dtype), 1.0)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bf16_mixed_forgets_like_32_true_and_perturbed_passes_run_under_autocast(digits, _trained_state):
+    mask = class_mask(digits.y_train, [3])
+    loader = DataLoader(TensorDataset(digits.x_train[mask], digits.y_train[mask]), batch_size=DEMO_BATCH_SIZE)
+    results = {}
+    autocast_seen: dict[str, list[bool]] = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = DigitsCNN()
+        model.load_state_dict(_trained_state)
+        assert accuracy(model, digits.x_train[mask], digits.y_train[mask]) > 95.0
+        # Record, for every no-grad (perturbed) forward during the run, whether autocast was on.
+        seen: list[bool] = []
+        hook = model.register_forward_pre_hook(
+            lambda m, a, seen=seen: None if torch.is_grad_enabled() else seen.append(torch.is_autocast_enabled("cpu"))
+        )
+        torch.manual_seed(0)
+        wrapper = JiTUnlearning(model, seed=0, **DEMO_JIT_SETTINGS)
+        trainer = quiet_trainer(max_epochs=DEMO_JIT_SETTINGS["epochs"], precision=precision)
+        trainer.fit(wrapper, loader)
+        hook.remove()
+        autocast_seen[precision] = seen
+        assert wrapper.skipped_steps == 0
+        results[precision] = accuracy(model, digits.x_train[mask], digits.y_train[mask])
+    assert autocast_seen["bf16-mixed"] and all(autocast_seen["bf16-mixed"])
+    assert autocast_seen["32-true"] and not any(autocast_seen["32-true"])
+    assert results["32-true"] <= 20.0 and results["bf16-mixed"] <= 20.0, results
+    assert abs(results["32-true"] - results["bf16-mixed"]) <= 5.0, results
+
+
+def _marked_loader(digits, with_bad: bool, batch_size: int = 8) -> DataLoader:
+    """Three batches of digits with ids; the middle one is marked so that ``InfOnMarkedBatch`` returns Inf on it."""
+    x, y = digits.x_train[:24].clone(), digits.y_train[:24].clone()
+    ids = torch.arange(24)
+    x[8:16, :, 0, 0] = MARK
+    keep = torch.ones(24, dtype=torch.bool)
+    if not with_bad:
+        keep[8:16] = False
+    return DataLoader(TensorDataset(x[keep], y[keep], ids[keep]), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_non_finite_step_is_skipped_counted_and_never_applied(digits, _trained_state, precision):
+    """A batch on which the model outputs Inf: its step is skipped and counted; the others are applied as usual.
+
+    Independent check: the weights equal those of a run that never saw the bad batch (same keyed noise). Under
+    "16-mixed" (the CPU GradScaler through the precision plugin) the scaler also lowers its scale once.
+    """
+    finals, skipped, scales = [], [], []
+    for with_bad in (True, False):
+        model = InfOnMarkedBatch()
+        model.load_state_dict(_trained_state)
+        wrapper = JiTUnlearning(model, sigma=0.2, lr=0.05, n_perturbations=4, seed=5, guard=False)
+        plugins = [MixedPrecision("16-mixed", "cpu")] if precision == "16-mixed" else []
+        trainer = quiet_trainer(plugins=plugins)
+        start = _weights(model)
+        trainer.fit(wrapper, _marked_loader(digits, with_bad))
+        assert _max_diff(start, _weights(model)) > 0  # the good steps were applied
+        assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+        scaler = trainer.precision_plugin.scaler if precision == "16-mixed" else None
+        scales.append(scaler.get_scale() if scaler is not None else 1.0)
+        skipped.append(wrapper.skipped_steps)
+        finals.append(_weights(model))
+    if precision == "32-true":
+        assert skipped == [1, 0]
+    else:
+        # The GradScaler may also skip a step while it searches for its scale (fp16 overflow of a good batch); the
+        # bad batch costs exactly one more skip, and one more halving of the scale.
+        assert skipped[0] == skipped[1] + 1
+        assert scales[0] == scales[1] * 0.5
+    assert _max_diff(*finals) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------------------------------
+def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    model = DigitsCNN()  # untrained: large gradients make any difference between the runs show
+    wrapper = JiTUnlearning(
+        model, sigma=0.2, lr=0.05, n_perturbations=5, epochs=2, seed=7, perturbation_chunk=16, guard=False
+    )
+    data = TensorDataset(digits.x_train[:40], digits.y_train[:40], torch.arange(40))
+    # 40 samples in batches of 13: the last batch has a single sample, so one of the two ranks gets none of it.
+    trainer = quiet_trainer(devices=devices, strategy=strategy, max_epochs=2, use_distributed_sampler=False)
+    trainer.fit(wrapper, DataLoader(data, batch_size=13))
+    return _weights(model)
+
+
+def test_ddp_spawn_two_processes_give_the_one_process_weights(digits, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # a port left by an earlier DDP test may be taken: pick a free one
+    torch.manual_seed(0)
+    initial = _weights(DigitsCNN())
+    one = _ddp_run(digits, 1, "auto")
+    two = _ddp_run(digits, 2, "ddp_spawn")
+    assert _max_diff(initial, one) > 1e-3  # JiT changed the weights
+    assert _max_diff(one, two) < 1e-5
+
+
+def test_take_shard_covers_the_batch_once():
+    x = torch.arange(13.0).view(13, 1)
+    labels = torch.arange(13)
+    for world in (1, 2, 3, 5, 16):
+        parts = [_take_shard(x, labels, list(range(13)), r, world) for r in range(world)]
+        assert torch.cat([p[0] for p in parts]).flatten().tolist() == list(range(13))
+        assert sum((p[2] for p in parts), []) == list(range(13))
+
+
+def test_unsupported_strategy_is_refused_by_name():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    loader = DataLoader(TensorDataset(torch.randn(8, 1, 4, 4)), batch_size=4)
+    trainer = quiet_trainer(strategy=ModelParallelStrategy())
+    with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
+        trainer.fit(JiTUnlearning(net, sigma=0.5, lr=0.01), loader)
+
+
+def test_compile_option_gives_the_same_update(digits, _trained_state):
+    """``compile_model`` runs the step through ``torch.compile`` (the cheap "eager" backend here): same update."""
+    loader = DataLoader(TensorDataset(digits.x_train[:16], digits.y_train[:16], torch.arange(16)), batch_size=8)
+    finals = []
+    for options in (False, {"backend": "eager"}):
+        model = DigitsCNN()
+        model.load_state_dict(_trained_state)
+        wrapper = JiTUnlearning(
+            model, sigma=0.2, lr=0.05, n_perturbations=3, seed=1, guard=False, compile_model=options
+        )
+        quiet_trainer().fit(wrapper, loader)
+        assert len(wrapper._compiled) == (1 if options else 0)
+        assert all(not k.startswith("_compiled") for k in wrapper.state_dict())
+        finals.append(_weights(model))
+    assert _max_diff(*finals) < 1e-6
+
+
+def test_compile_option_is_validated():
+    with pytest.raises(MisconfigurationException, match="compile_model"):
+        JiTUnlearning(DigitsCNN(), sigma=0.1, lr=0.1, compile_model="yes")
