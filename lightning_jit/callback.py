@@ -31,7 +31,7 @@ from torch.optim import SGD
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
 
 from lightning_jit.config import JiTConfig
-from lightning_jit.guard import WeightSnapshot
+from lightning_jit.guard import WeightSnapshot, forward_failure
 from lightning_jit.ledger import (
     AUDIT_FILENAME,
     DeletionLedger,
@@ -525,22 +525,27 @@ class JiTUnlearningCallback(Callback):
                     epochs_run = epoch + 1
                     for batch in self._batches(forget, indices):
                         batch = move_data_to_device(batch, strategy.root_device)
-                        result = jit_step(
-                            forward,
-                            batch,
-                            config,
-                            optimizer,
-                            pl_module.manual_backward,
-                            params,
-                            norm_module=pl_module,
-                            epoch=epoch,
-                            generator=generator,
-                            step_optimizer=step_optimizer,
-                            scaler=gradient_scaler(trainer),
-                            forward_context=trainer.precision_plugin.forward_context,
-                            shard=(rank, world) if distributed else None,
-                            agree=(lambda ok: strategy.reduce_boolean_decision(ok, all=True)) if distributed else None,
-                        )
+                        try:
+                            result = jit_step(
+                                forward,
+                                batch,
+                                config,
+                                optimizer,
+                                pl_module.manual_backward,
+                                params,
+                                norm_module=pl_module,
+                                epoch=epoch,
+                                generator=generator,
+                                step_optimizer=step_optimizer,
+                                scaler=gradient_scaler(trainer),
+                                forward_context=trainer.precision_plugin.forward_context,
+                                shard=(rank, world) if distributed else None,
+                                agree=(lambda ok: strategy.reduce_boolean_decision(ok, all=True))
+                                if distributed
+                                else None,
+                            )
+                        except (RuntimeError, TypeError) as err:  # a batch the model cannot take: name the cause
+                            raise forward_failure(pl_module, batch, config, err) from err
                         steps += 1
                         loss = strategy.reduce(result.loss, reduce_op="mean") if distributed else result.loss
                         metrics = {"jit_loss": float(loss)}
@@ -602,7 +607,10 @@ class JiTUnlearningCallback(Callback):
         with normalization_mode(pl_module, "eval"), trainer.precision_plugin.forward_context():
             for batch in self._batches(forget, indices):
                 batch = move_data_to_device(batch, trainer.strategy.root_device)
-                logits = select_output(pl_module(batch_to_input(batch, self.config)), self.config.output_selector)
+                try:
+                    logits = select_output(pl_module(batch_to_input(batch, self.config)), self.config.output_selector)
+                except (RuntimeError, TypeError) as err:  # a batch the model cannot take: name the cause
+                    raise forward_failure(pl_module, batch, self.config, err) from err
                 logits = logits.float()
                 log_p = torch.log_softmax(logits, dim=1)
                 entropy += float(-(log_p.exp() * log_p).sum(dim=1).double().sum())

@@ -384,7 +384,13 @@ def _run_split(
             )
         widths = {}
         for m, model in models.items():
-            out = select_output(model(x.to(_device_of(model))))
+            try:
+                out = select_output(model(x.to(_device_of(model))))
+            except (RuntimeError, TypeError) as err:  # e.g. inputs of the wrong shape for the model: name the split
+                raise MisconfigurationException(
+                    f"The {m} model cannot run on the `{name}` split: inputs of shape {tuple(x.shape)} and dtype"
+                    f" {x.dtype} ({err}). Pass `{name}` data in the form the models were trained on."
+                ) from err
             if not isinstance(out, Tensor) or out.dim() != 2:
                 raise MisconfigurationException(
                     f"The {m} model must return (batch, classes) logits, got {getattr(out, 'shape', type(out))}."

@@ -398,7 +398,6 @@ def test_callback_arguments(args, kwargs, name):
             _forget32(width=7),
             JiTInputError,
             "shape",
-            marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="callback: bare torch shape error"),
         ),
     ],
 )
@@ -428,7 +427,6 @@ def _two_nets():
             lambda a, b: (a, b, (torch.randn(4, 5), torch.zeros(4, dtype=torch.long))),
             {},
             "shape",
-            marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="evaluate: bare torch shape error"),
         ),
     ],
 )
