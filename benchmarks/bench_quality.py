@@ -48,21 +48,23 @@ from lightning_jit.data import (  # noqa: E402
     random_forget_mask,
     train_classifier,
 )
+from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS  # noqa: E402
 from lightning_jit.io import atomic_write  # noqa: E402
 from lightning_jit.metrics import entropy_tests, fit_entropy_attack, prediction_entropy  # noqa: E402
 from lightning_jit.module import JiTUnlearning  # noqa: E402
 
-#: The library's improved settings, fixed across scenarios: the scale-free objective and the forget-set stopping rule.
+#: The library's improved settings, fixed across scenarios: those of the demo (the scale-free objective and the
+#: forget-set stopping rule); one pass, without the stopping rule, for random forgetting.
 IMPROVED: dict[str, dict] = {
-    "class": {"sigma": 0.1, "lr": 0.1, "epochs": 30, "target_forget_accuracy": 10.0, "normalize_logits": True},
-    "random": {"sigma": 0.1, "lr": 0.1, "epochs": 1, "normalize_logits": True},
+    "class": dict(DEMO_JIT_SETTINGS),
+    "random": {**{k: v for k, v in DEMO_JIT_SETTINGS.items() if k != "target_forget_accuracy"}, "epochs": 1},
 }
 #: The grid the reference (and the library's defaults) are tuned on: sigma x eta (the reference's "sum" step size).
 GRID_SIGMA = (0.1, 0.5)
 GRID_ETA = (1e-4, 3e-4, 1e-3)
 #: The reference's batch sizes: 128 for full-class and random forgetting, 64 for sub-class.
 REFERENCE_BATCH = {"full-class": 128, "sub-class": 64, "random": 128}
-IMPROVED_BATCH = 32
+IMPROVED_BATCH = DEMO_BATCH_SIZE
 TRAIN_EPOCHS = 15
 
 
