@@ -48,6 +48,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", overwrite: bool = Tru
     path.parent.mkdir(parents=True, exist_ok=True)
     with _terminate_cleanly():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only; give it the permissions open() would
         try:
             with os.fdopen(fd, mode) as fh:
                 yield fh
@@ -171,3 +172,9 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -175,3 +175,15 @@ def test_signal_during_unlearning_leaves_input_untouched_and_no_partial_output(t
     assert written  # ModelCheckpoint saved every 2 steps before the signal
     for path in written:  # and each of those files is complete
         DigitsCNN.load_from_checkpoint(path, strict=True)
+
+
+def test_atomic_write_gives_the_permissions_a_plain_open_would(tmp_path):
+    import os
+
+    from lightning_jit.io import atomic_write
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_write(tmp_path / "atomic.txt") as fh:
+        fh.write("x")
+    assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
