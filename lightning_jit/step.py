@@ -228,6 +228,12 @@ def jit_step(
     """
     x = batch_to_input(batch, config)
     labels = batch_labels(batch, config)
+    if labels is not None and labels.shape[0] != x.shape[0]:
+        raise JiTInputError(
+            f"The forget batch has {x.shape[0]} inputs but {labels.shape[0]} labels at"
+            f" `label_key={config.label_key!r}`."
+            " Set `label_key` to where the labels are, so that the stopping rule can measure forget accuracy."
+        )
     keys = batch_keys(batch) if config.seed is not None else None
     global_size = int(x.shape[0]) * (1 if shard is not None else max(1, int(grad_average_size)))
     if shard is not None:
@@ -268,7 +274,7 @@ def jit_step(
         world = max(1, int(shard[1] if shard is not None else grad_average_size))
         loss = loss * (world / global_size if config.reduction == "mean" else world)
     correct = None
-    if labels is not None and labels.shape[0] == clean.shape[0]:
+    if labels is not None:
         correct = int((clean.detach().argmax(1) == labels.to(clean.device)).sum())
     if not loss.requires_grad:
         raise JiTInputError("The JiT loss has no gradient: the model has no trainable parameter on its output path.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import pytest
@@ -45,3 +46,19 @@ def trained_bn_cnn(_trained_bn_state):
     model = DigitsCNN(batchnorm=True)
     model.load_state_dict(_trained_bn_state)
     return model.eval()
+
+
+_DISTRIBUTED_ENV = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_distributed_env():
+    """Start and end every test without the variables a ddp_spawn run leaves in the environment.
+
+    Otherwise the next DDP test reuses the last run's MASTER_PORT, which may still be taken (EADDRINUSE).
+    """
+    for name in _DISTRIBUTED_ENV:
+        os.environ.pop(name, None)
+    yield
+    for name in _DISTRIBUTED_ENV:
+        os.environ.pop(name, None)

@@ -303,3 +303,14 @@ def test_forgetting_lowers_forget_accuracy_only(trained_cnn, digits):
     quiet_trainer(max_epochs=40).fit(wrapper, _forget_loader(digits))
     after = accuracy(trained_cnn, digits.x_test[mask], digits.y_test[mask])
     assert before > 90 and after < 30
+
+
+def test_labels_that_do_not_match_the_inputs_are_refused(trained_cnn, digits):
+    """A label tensor of another length would silently disable the stopping rule: it is an error naming `label_key`."""
+    x = digits.x_train[:8]
+    loader = DataLoader(
+        list(zip(x, torch.zeros(8, dtype=torch.long), strict=True)),
+        batch_size=8,
+        collate_fn=lambda items: (torch.stack([a for a, _ in items]), torch.zeros(3, dtype=torch.long)),
+    )
+    _fails_without_changing(trained_cnn, loader, JiTInputError, "label_key")

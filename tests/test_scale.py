@@ -127,8 +127,7 @@ def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
     return _weights(model)
 
 
-def test_ddp_spawn_two_processes_give_the_one_process_weights(digits, monkeypatch):
-    monkeypatch.delenv("MASTER_PORT", raising=False)  # a port left by an earlier DDP test may be taken: pick a free one
+def test_ddp_spawn_two_processes_give_the_one_process_weights(digits):
     torch.manual_seed(0)
     initial = _weights(DigitsCNN())
     one = _ddp_run(digits, 1, "auto")
