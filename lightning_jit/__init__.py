@@ -7,6 +7,7 @@ from lightning_jit.guard import CollapseGuard, JiTDivergenceError
 from lightning_jit.io import AtomicCheckpointIO
 from lightning_jit.module import JiTUnlearning
 from lightning_jit.objective import JiTInputError, jit_objective
+from lightning_jit.tune import TuneResult, tune_jit
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,10 @@ __all__ = [
     "JiTUnlearning",
     "JiTUnlearningCallback",
     "UnlearningEvaluation",
+    "TuneResult",
     "UnlearningReport",
     "__version__",
     "evaluate_unlearning",
     "jit_objective",
+    "tune_jit",
 ]

@@ -45,10 +45,18 @@ from lightning_jit.ledger import (
     utc_now,
     write_audit_record,
 )
-from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec, OutputSelector, Reduction, select_output
+from lightning_jit.objective import (
+    DEFAULT_PERTURBATION_CHUNK,
+    ClampSpec,
+    OutputSelector,
+    PerturbationChunk,
+    Reduction,
+    select_output,
+)
 from lightning_jit.scale import check_strategy, gradient_scaler
 from lightning_jit.step import (
     ForgetAccuracyWindow,
+    FrozenReference,
     batch_keys,
     batch_labels,
     batch_to_input,
@@ -158,6 +166,9 @@ class JiTUnlearningCallback(Callback):
         reduction: ``"mean"`` or ``"sum"``, as in :class:`~lightning_jit.module.JiTUnlearning`.
         center_logits: As in :class:`~lightning_jit.module.JiTUnlearning`.
         normalize_logits: As in :class:`~lightning_jit.module.JiTUnlearning`.
+        logit_norm_penalty: As in :class:`~lightning_jit.module.JiTUnlearning`; the reference is the model as it
+            is when each run of the hook starts.
+        logit_norm_sigma: As in :class:`~lightning_jit.module.JiTUnlearning`.
         clamp: ``None``, ``"batch"`` or ``(low, high)``.
         norm_policy: ``"eval"`` (default: BatchNorm statistics and dropout frozen) or ``"train"`` (the reference).
         perturbation_chunk: Most perturbed samples per no-grad forward pass.
@@ -206,9 +217,11 @@ class JiTUnlearningCallback(Callback):
         reduction: Reduction = "mean",
         center_logits: bool = False,
         normalize_logits: bool = False,
+        logit_norm_penalty: float = 0.0,
+        logit_norm_sigma: float = 0.5,
         clamp: ClampSpec = None,
         norm_policy: str = "eval",
-        perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK,
+        perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK,
         seed: int | None = 0,
         momentum: float = 0.0,
         target_forget_accuracy: float | None = None,
@@ -247,6 +260,8 @@ class JiTUnlearningCallback(Callback):
             reduction=reduction,
             center_logits=center_logits,
             normalize_logits=normalize_logits,
+            logit_norm_penalty=logit_norm_penalty,
+            logit_norm_sigma=logit_norm_sigma,
             clamp=clamp,
             norm_policy=norm_policy,
             perturbation_chunk=perturbation_chunk,
@@ -501,6 +516,7 @@ class JiTUnlearningCallback(Callback):
         params = trainable_parameters(pl_module)
         before = self._forget_metrics(trainer, pl_module, forget, indices)
         snapshot = WeightSnapshot(pl_module)
+        reference = FrozenReference(pl_module) if config.logit_norm_penalty > 0 else None
         optimizer = SGD(params, lr=config.lr, momentum=config.momentum)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         world, rank = trainer.world_size, trainer.global_rank
@@ -539,6 +555,7 @@ class JiTUnlearningCallback(Callback):
                                 step_optimizer=step_optimizer,
                                 scaler=gradient_scaler(trainer),
                                 forward_context=trainer.precision_plugin.forward_context,
+                                reference=reference,
                                 shard=(rank, world) if distributed else None,
                                 agree=(lambda ok: strategy.reduce_boolean_decision(ok, all=True))
                                 if distributed

@@ -9,6 +9,7 @@ The console script runs the same subcommand for any ``class_path``-configured mo
     lightning-jit unlearn --config cfg.yaml
     lightning-jit demo
     lightning-jit evaluate --config cfg.yaml --original a.ckpt --unlearned b.ckpt
+    lightning-jit tune --config cfg.yaml --out tune/ && lightning-jit unlearn --config cfg.yaml --config tune/tuned.yaml
 
 Exit codes: 0 on success, 2 on a usage error (the message names the flag, and nothing is written), 1 on any other
 failure (one line; ``--verbose`` prints the traceback).
@@ -35,13 +36,14 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
 from lightning_jit.config import JiTConfig
 from lightning_jit.demo import DEMO_FORGET_CLASS
 from lightning_jit.forget import ForgetSet, JiTUsageError, select_forget_loader
 from lightning_jit.io import atomic_torch_save
 from lightning_jit.module import JiTUnlearning
-from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec
+from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec, PerturbationChunk
 
 __all__ = ["ForgetSet", "JiTArgs", "JiTCLI", "JiTTrainer", "JiTUsageError", "main"]
 
@@ -65,9 +67,13 @@ class JiTArgs:
         center_logits: Compare logits after removing their mean over classes (the part softmax sees).
         normalize_logits: Compare unit-normalised outputs, so that JiT cannot lower its objective by inflating the
             logits of a neighbouring class.
+        logit_norm_penalty: Weight of the penalty on logits growing beyond the original model's (0: off; 10: the
+            measured setting).
+        logit_norm_sigma: Std of the penalty's noisy copies of the forget inputs.
         clamp: null, "batch" (clamp perturbed inputs to the batch min/max, as the reference) or [low, high].
         norm_policy: "eval" keeps BatchNorm statistics and dropout frozen during JiT; "train" reproduces the reference.
-        perturbation_chunk: Most perturbed samples per no-grad forward pass (bounds peak memory).
+        perturbation_chunk: Most perturbed samples per no-grad forward pass (bounds peak memory); "auto": 256 on a
+            CPU, 1024 on CUDA; null: all at once.
         seed: Seed of the JiT noise (null: not reproducible).
         momentum: SGD momentum in [0, 1).
         target_forget_accuracy: Stop as soon as the forget set's running accuracy (percent) falls to this value;
@@ -92,9 +98,11 @@ class JiTArgs:
     reduction: Literal["mean", "sum"] = "mean"
     center_logits: bool = False
     normalize_logits: bool = False
+    logit_norm_penalty: float = 0.0
+    logit_norm_sigma: float = 0.5
     clamp: ClampSpec = None
     norm_policy: Literal["eval", "train"] = "eval"
-    perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK
+    perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK
     seed: int | None = None
     momentum: float = 0.0
     target_forget_accuracy: float | None = None
@@ -439,7 +447,7 @@ def _top_parser() -> argparse.ArgumentParser:
         description="JiT zero-shot unlearning for Lightning. Exit codes: 0 success, 2 usage error, 1 failure.",
     )
     parser.add_argument("--verbose", action="store_true", help="Print the traceback of a failure.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,evaluate,tune}")
     demo = sub.add_parser(
         "demo", help="Train on scikit-learn's digits, forget one class with JiT, compare to retraining."
     )
@@ -459,6 +467,11 @@ def _top_parser() -> argparse.ArgumentParser:
         "evaluate",
         add_help=False,
         help="Write the unlearning report for an original, an unlearned and an optional retrained checkpoint.",
+    )
+    sub.add_parser(
+        "tune",
+        add_help=False,
+        help="Search sigma and lr for a checkpoint and forget set; write tuned.yaml for `unlearn` (`tune --help`).",
     )
     return parser
 
@@ -500,27 +513,79 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass
+class _Job:
+    """What an ``unlearn`` config file describes: the model class, the datamodule and the forget selection."""
+
+    path: str
+    config: dict[str, Any]
+    model_class: type
+    datamodule: pl.LightningDataModule
+    forget: ForgetSet
+    label_key: int | str
+
+    def load(self, flag: str, ckpt_path: str) -> pl.LightningModule:
+        """The model class loaded (strictly) from a checkpoint, in eval mode; a mismatch names ``flag``."""
+        _load_checkpoint_for(flag, ckpt_path)
+        try:
+            return self.model_class.load_from_checkpoint(ckpt_path, map_location="cpu", strict=True).eval()
+        except (RuntimeError, TypeError, KeyError) as err:
+            raise JiTUsageError(
+                flag, f"{ckpt_path!r} does not load into {self.config['model']['class_path']}: {err}"
+            ) from err
+
+    def forget_loader(self) -> Any:
+        return select_forget_loader(self.datamodule, self.forget, label_key=self.label_key)
+
+    def split_loader(self, flag: str, stage: str) -> Any:
+        """The datamodule's ``val_dataloader()`` or ``test_dataloader()``; a datamodule without it names ``flag``."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        hook = f"{stage}_dataloader"
+        if not is_overridden(hook, self.datamodule):
+            raise JiTUsageError(flag, f"the datamodule {type(self.datamodule).__name__} has no `{hook}()`.")
+        self.datamodule.setup("validate" if stage == "val" else "test")
+        return getattr(self.datamodule, hook)()
+
+
+def _load_job(config_path: str) -> _Job:
+    """Read an ``unlearn`` config: its ``model``, ``data``, ``forget`` and ``jit.label_key`` (the rest is ignored)."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if not Path(config_path).is_file():
+        raise JiTUsageError("--config", f"no such file: {config_path!r}.")
+    cfg = yaml.safe_load(Path(config_path).read_text()) or {}
+    model_cfg, data_cfg = cfg.get("model"), cfg.get("data")
+    if not isinstance(model_cfg, dict) or "class_path" not in model_cfg:
+        raise JiTUsageError("--config", f"{config_path!r} has no `model.class_path`.")
+    if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
+        raise JiTUsageError("--config", f"{config_path!r} has no `data.class_path`.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data")
+    datamodule = parser.instantiate_classes(parser.parse_object({"data": data_cfg})).data
+    return _Job(
+        path=config_path,
+        config=cfg,
+        model_class=_import_class(model_cfg["class_path"]),
+        datamodule=datamodule,
+        forget=ForgetSet(**(cfg.get("forget") or {})),
+        label_key=(cfg.get("jit") or {}).get("label_key", 1),
+    )
+
+
 def _run_evaluate(rest: list[str]) -> None:
     args = _evaluate_parser().parse_args(rest)
     try:
         from lightning_jit.evaluate import evaluate_unlearning
     except ImportError as err:
         raise RuntimeError(f"`{_PROG} evaluate` is unavailable: cannot import lightning_jit.evaluate ({err}).") from err
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.utils.data import DataLoader, Subset
 
     from lightning_jit.forget import forget_indices
 
     if not Path(args.config).is_file():
         raise JiTUsageError("--config", f"no such file: {args.config!r}.")
-    cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-    model_cfg, data_cfg = cfg.get("model"), cfg.get("data")
-    if not isinstance(model_cfg, dict) or "class_path" not in model_cfg:
-        raise JiTUsageError("--config", f"{args.config!r} has no `model.class_path`.")
-    if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
-        raise JiTUsageError("--config", f"{args.config!r} has no `data.class_path`.")
     unlearned_ckpt = _load_checkpoint_for("--unlearned", args.unlearned)
     original_path = args.original or (unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("source_checkpoint")
     if not original_path:
@@ -533,30 +598,20 @@ def _run_evaluate(rest: list[str]) -> None:
     if existing and not args.overwrite:
         raise JiTUsageError("--report_dir", f"{str(report_dir)!r} already holds {existing}; pass --overwrite.")
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data")
-    datamodule = parser.instantiate_classes(parser.parse_object({"data": data_cfg})).data
-    model_class = _import_class(model_cfg["class_path"])
+    job = _load_job(args.config)
     models = {}
     for flag, path in (("--original", original_path), ("--unlearned", args.unlearned), ("--retrained", args.retrained)):
-        if path is None:
-            continue
-        try:
-            models[flag] = model_class.load_from_checkpoint(path, map_location="cpu", strict=True).eval()
-        except (RuntimeError, TypeError, KeyError) as err:
-            raise JiTUsageError(flag, f"{path!r} does not load into {model_cfg['class_path']}: {err}") from err
-    forget = ForgetSet(**(cfg.get("forget") or {}))
-    label_key = (cfg.get("jit") or {}).get("label_key", 1)
-    forget_loader = select_forget_loader(datamodule, forget, label_key=label_key)
+        if path is not None:
+            models[flag] = job.load(flag, path)
+    forget_loader = job.forget_loader()
     retain = None
-    if forget.selector() not in (None, "loader"):
-        train_loader, dataset, indices = forget_indices(datamodule, forget, label_key)
+    if job.forget.selector() not in (None, "loader"):
+        train_loader, dataset, indices = forget_indices(job.datamodule, job.forget, job.label_key)
         keep = sorted(set(range(len(dataset))) - set(indices))
         retain = DataLoader(Subset(dataset, keep), batch_size=256, collate_fn=getattr(train_loader, "collate_fn", None))
-    test = None
-    if is_overridden("test_dataloader", datamodule):
-        datamodule.setup("test")
-        test = datamodule.test_dataloader()
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    test = job.split_loader("--config", "test") if is_overridden("test_dataloader", job.datamodule) else None
     report = evaluate_unlearning(
         models["--original"],
         models["--unlearned"],
@@ -569,6 +624,104 @@ def _run_evaluate(rest: list[str]) -> None:
     paths = report.save(report_dir)
     print(report.to_markdown())
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _tune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{_PROG} tune",
+        description="Search JiT's sigma and lr for a model and forget set (successive halving, see docs/tune.md) and"
+        " write tuned.yaml (the `jit:` group for `unlearn --config ... --config tuned.yaml`), trials.md, trials.json"
+        " and tune.png. The model, datamodule, forget set, checkpoint and fixed JiT settings come from the unlearn"
+        " config; its jit.sigma / jit.lr are ignored.",
+    )
+    parser.add_argument("--config", required=True, help="The YAML config given to `lightning-jit unlearn`.")
+    parser.add_argument("--ckpt_path", help="The trained checkpoint (default: the config's ckpt_path).")
+    parser.add_argument("--out", default="lightning_jit_tune", help="Output directory (default: lightning_jit_tune).")
+    parser.add_argument(
+        "--task",
+        choices=("class", "random"),
+        help="class: the forget set is whole classes; random: a sample of the training data, judged against the"
+        " test split's confidence (default: class with forget.classes, else random).",
+    )
+    parser.add_argument(
+        "--monitor",
+        choices=("val", "test"),
+        help="Monitored mode: the datamodule's val or test split, without the forgotten classes, must keep its"
+        " accuracy within --max_drop points (default: zero-shot, no held-out data).",
+    )
+    parser.add_argument("--max_drop", type=float, default=2.0, help="With --monitor: allowed fall, points.")
+    parser.add_argument("--budget", type=float, help="Time budget in seconds (default: none).")
+    parser.add_argument("--n_configs", type=int, default=16, help="Settings drawn at the first rung (default: 16).")
+    parser.add_argument("--max_epochs", type=int, default=30, help="Epochs of the last rung (default: 30).")
+    parser.add_argument("--search", choices=("halving", "random"), default="halving", help="(default: halving)")
+    parser.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace existing files in --out.")
+    return parser
+
+
+#: ``jit:`` keys of an unlearn config that ``tune`` searches or sets itself, and so does not pass on.
+_TUNED_KEYS = ("sigma", "lr", "n_perturbations", "epochs", "seed", "target_forget_accuracy", "guard")
+
+
+def _run_tune(rest: list[str]) -> None:
+    from lightning_jit.tune import tune_jit
+
+    args = _tune_parser().parse_args(rest)
+    job = _load_job(args.config)
+    ckpt_path = args.ckpt_path or job.config.get("ckpt_path")
+    if not ckpt_path:
+        raise JiTUsageError("--ckpt_path", "is required (or `ckpt_path` in the config): the trained checkpoint.")
+    out = Path(args.out)
+    existing = [p for p in ("tuned.yaml", "trials.md", "trials.json", "tune.png") if (out / p).exists()]
+    if existing and not args.overwrite:
+        raise JiTUsageError("--out", f"{str(out)!r} already holds {existing}; pass --overwrite.")
+    model = job.load("--ckpt_path", ckpt_path)
+    task = args.task or ("class" if job.forget.classes else "random")
+    jit_cfg = dict(job.config.get("jit") or {})
+    fixed = {k: v for k, v in jit_cfg.items() if k not in _TUNED_KEYS and k in JiTArgs.__dataclass_fields__}
+    fixed = {k: v for k, v in fixed.items() if k not in _GUARD_FIELDS}
+    kwargs: dict[str, Any] = {}
+    if jit_cfg.get("target_forget_accuracy") is not None:
+        kwargs["target_forget_accuracy"] = float(jit_cfg["target_forget_accuracy"])
+    if args.monitor is not None:
+        kwargs["monitor"] = _without_classes(job.split_loader("--monitor", args.monitor), job.forget.classes)
+        kwargs["max_drop"] = args.max_drop
+    if task == "random":
+        kwargs["unseen"] = job.split_loader("--task", "test")
+    result = tune_jit(
+        model,
+        job.forget_loader(),
+        task=task,
+        budget=args.budget,
+        n_configs=args.n_configs,
+        max_epochs=args.max_epochs,
+        search=args.search,
+        seed=args.seed,
+        **kwargs,
+        **fixed,
+    )
+    paths = result.save(out)
+    print(result.table())
+    if result.message:
+        print(f"\n{result.message}")
+    print(f"\n{result.to_yaml()}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"next: {_PROG} unlearn --config {args.config} --config {paths['yaml']}")
+
+
+def _without_classes(loader: Any, classes: list[int] | None) -> list[tuple[Tensor, Tensor]]:
+    """The ``(x, y)`` batches of ``loader`` without the samples of ``classes`` (the forgotten ones)."""
+    from lightning_jit.evaluate import _batch_xy
+
+    batches = []
+    for batch in loader:
+        x, y = _batch_xy(batch, "monitor")
+        keep = ~torch.isin(y, torch.tensor(classes or [], dtype=y.dtype))
+        if keep.any():
+            batches.append((x[keep], y[keep]))
+    if not batches:
+        raise JiTUsageError("--monitor", "the monitor split holds no sample of a kept class.")
+    return batches
 
 
 def _load_checkpoint_for(flag: str, path: str) -> dict[str, Any]:
@@ -603,6 +756,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv and argv[0] == "evaluate":
             _run_evaluate(argv[1:])
+            return 0
+        if argv and argv[0] == "tune":
+            _run_tune(argv[1:])
             return 0
         args = _top_parser().parse_args(argv)
         if args.command == "demo":

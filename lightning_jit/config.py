@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec, OutputSelector, Reduction
+from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK, ClampSpec, OutputSelector, PerturbationChunk, Reduction
 
 NORM_POLICIES = ("eval", "train")
 
@@ -30,9 +30,11 @@ class JiTConfig:
     reduction: Reduction = "mean"
     center_logits: bool = False
     normalize_logits: bool = False
+    logit_norm_penalty: float = 0.0
+    logit_norm_sigma: float = 0.5
     clamp: ClampSpec = None
     norm_policy: str = "eval"
-    perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK
+    perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK
     seed: int | None = None
     momentum: float = 0.0
     target_forget_accuracy: float | None = None
@@ -49,8 +51,17 @@ class JiTConfig:
         _positive("sigma", self.sigma, "It is the std of the input noise; try 0.1-1x the input's std.")
         _positive("lr", self.lr, "It is the SGD step size of the JiT update; try 1e-3 to 1e-1 with reduction='mean'.")
         _integer_at_least("n_perturbations", self.n_perturbations, 1)
+        penalty = self.logit_norm_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < math.inf:
+            raise MisconfigurationException(
+                f"`logit_norm_penalty` must be a finite number >= 0, got {penalty!r}. 0 turns it off; 10 is the"
+                " measured setting (see the README's quality section)."
+            )
+        _positive(
+            "logit_norm_sigma", self.logit_norm_sigma, "It is the std of the penalty's noisy copies; try 5x sigma."
+        )
         _integer_at_least("epochs", self.epochs, 1)
-        if self.perturbation_chunk is not None:
+        if self.perturbation_chunk is not None and self.perturbation_chunk != "auto":
             _integer_at_least("perturbation_chunk", self.perturbation_chunk, 1)
         if self.reduction not in ("mean", "sum"):
             raise MisconfigurationException(

@@ -427,6 +427,25 @@ def _run_split(
     )
 
 
+def predict_split(model: nn.Module, split: Split, name: str = "split", batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """The model's logits (float32, on the CPU, eval mode) and the labels of a labelled split.
+
+    Args:
+        model: The classifier.
+        split: A loader (or iterable) of ``(x, y, ...)`` / dict batches, or an ``(x, y)`` pair of tensors.
+        name: The split's name, for error messages.
+        batch_size: Batch size when ``split`` is an ``(x, y)`` pair.
+
+    Example:
+        >>> logits, y = predict_split(torch.nn.Linear(4, 3), (torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
+        >>> tuple(logits.shape), tuple(y.shape)
+        ((5, 3), (5,))
+    """
+    with _EvalMode([model]):
+        out = _run_split({"model": model}, split, name, batch_size, None, False, None)
+    return out.logits["model"], out.y
+
+
 class _EvalMode:
     """Put every model in eval mode for the evaluation and restore each one's mode afterwards."""
 

@@ -31,11 +31,30 @@ Reduction = Literal["mean", "sum"]
 ClampSpec = Literal["batch"] | tuple[float, float] | None
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
-#: Default number of perturbed samples sent through the model in one no-grad forward pass. Chosen from
-#: ``benchmarks/bench_objective.py`` on 2 CPU cores (docs/benchmarks.md): at batch 128 and N=25, chunks of 256 were
-#: the fastest of 128/256/1024/4096/all for both the digits CNN and ResNet18 (3x32x32); one pass of all 3,200
-#: copies was ~1.6x slower than chunks of 256 (cache-sized activations win on CPU). Raise it on a GPU.
-DEFAULT_PERTURBATION_CHUNK = 256
+#: How many perturbed samples go through the model in one no-grad forward pass: an integer, ``None`` (all ``N * B`` at
+#: once) or ``"auto"`` (the default: by the input's device, :data:`PERTURBATION_CHUNK_BY_DEVICE`).
+PerturbationChunk = int | Literal["auto"] | None
+DEFAULT_PERTURBATION_CHUNK: PerturbationChunk = "auto"
+#: What ``"auto"`` means, measured with ``benchmarks/bench_objective.py`` and ``benchmarks/gpu_check.sh``
+#: (docs/benchmarks.md), ResNet18 (3x32x32), batch 128, N=25:
+#:
+#: * CPU (2 cores): 256 was the fastest of 128/256/1024/4096/all for both the digits CNN and ResNet18; one pass of all
+#:   3,200 copies was ~1.6x slower (cache-sized activations win on a CPU);
+#: * CUDA (one H200): 1024 took 0.032 s per step against 0.072 s with 256 (2.2x faster); ViT-B/16 (224x224) was the same
+#:   with either. All at once was faster still for ResNet18 (0.022 s), but its memory grows with ``N * B``.
+PERTURBATION_CHUNK_BY_DEVICE: dict[str, int] = {"cpu": 256, "cuda": 1024}
+
+
+def resolve_perturbation_chunk(chunk: PerturbationChunk, device: torch.device) -> int | None:
+    """The chunk size for inputs on ``device``: ``"auto"`` becomes the device's measured default.
+
+    Example:
+        >>> resolve_perturbation_chunk("auto", torch.device("cpu")), resolve_perturbation_chunk(64, torch.device("cpu"))
+        (256, 64)
+    """
+    if chunk == "auto":
+        return PERTURBATION_CHUNK_BY_DEVICE.get(device.type, PERTURBATION_CHUNK_BY_DEVICE["cpu"])
+    return chunk  # type: ignore[return-value]
 
 
 class JiTInputError(ValueError):
@@ -246,7 +265,7 @@ def jit_objective(
     keys: Sequence[Any] | None = None,
     seed: int = 0,
     epoch: int = 0,
-    perturbation_chunk: int | None = DEFAULT_PERTURBATION_CHUNK,
+    perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK,
     clean_logits: Tensor | None = None,
     center_logits: bool = False,
     normalize_logits: bool = False,
@@ -274,7 +293,8 @@ def jit_objective(
             seeded by ``(seed, keys[b], epoch)``, so it does not depend on batch composition, order or rank.
         seed: Seed combined with ``keys``.
         epoch: Epoch combined with ``keys``.
-        perturbation_chunk: Maximum number of perturbed samples per no-grad forward pass; ``None`` sends all
+        perturbation_chunk: Maximum number of perturbed samples per no-grad forward pass; ``"auto"`` (default)
+            chooses by device (:data:`PERTURBATION_CHUNK_BY_DEVICE`: 256 on a CPU, 1024 on CUDA); ``None`` sends all
             ``N * B`` in one pass. Peak memory depends on this, not on ``N``.
         clean_logits: The clean logits ``f(x)`` if the caller already computed them (with autograd).
         center_logits: Subtract each output's mean over classes before taking differences, i.e. measure only the
@@ -307,8 +327,9 @@ def jit_objective(
         raise JiTInputError(f"`sigma` must be finite and > 0, got {sigma!r}. Try 0.1-1x the input's std.")
     if not _is_count(n_perturbations):
         raise JiTInputError(f"`n_perturbations` must be an integer >= 1, got {n_perturbations!r}.")
-    if perturbation_chunk is not None and not _is_count(perturbation_chunk):
-        raise JiTInputError(f"`perturbation_chunk` must be >= 1 or None, got {perturbation_chunk!r}.")
+    if perturbation_chunk is not None and perturbation_chunk != "auto" and not _is_count(perturbation_chunk):
+        raise JiTInputError(f"`perturbation_chunk` must be >= 1, 'auto' or None, got {perturbation_chunk!r}.")
+    perturbation_chunk = resolve_perturbation_chunk(perturbation_chunk, x.device)
     check_forget_input(x)
     batch_size = x.shape[0]
     n = int(n_perturbations)
@@ -351,3 +372,77 @@ def jit_objective(
 
     per_batch = total / n  # sum over samples, mean over perturbations
     return per_batch / batch_size if reduction == "mean" else per_batch
+
+
+#: Added to the seed of the logit-norm penalty's noise, so that its noisy copies never repeat the JiT perturbations.
+_PENALTY_SEED_SALT = 0x5EED
+
+
+def logit_norm_penalty(
+    model: nn.Module | Callable[[Tensor], Any],
+    reference: Callable[[Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    *,
+    clean_logits: Tensor | None = None,
+    reduction: Reduction = "mean",
+    output_selector: OutputSelector = None,
+    generator: torch.Generator | None = None,
+    keys: Sequence[Any] | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Tensor:
+    """How far the model's logits have grown beyond the original model's, around the forget samples.
+
+    JiT's usual failure is a *sink* class: smoothing the forget samples inflates the logits of a neighbouring class,
+    which then swallows retained samples too. This term penalises exactly that growth, one-sidedly, against
+    ``reference`` (the original model, frozen), on each forget input and on one noisy copy of it:
+
+    .. code-block:: text
+
+        g(v)      = relu(||f(v)|| / ||f0(v)|| - 1) ** 2
+        penalty_b = (g(x_b) + g(x_b + sigma * noise_b)) / 2
+        penalty   = mean over samples (reduction="mean") or sum (reduction="sum")
+
+    Logits that shrink, or keep their norm while changing direction (which forgetting needs), cost nothing. It uses
+    no retained data: only the forget inputs and the original model. Gradients flow through ``model``'s passes.
+
+    Args:
+        model: The model being unlearned.
+        reference: The original model's forward (no gradient needed), e.g. a
+            :class:`~lightning_jit.step.FrozenReference`.
+        x: The forget inputs, ``(B, ...)``.
+        sigma: Std of the noisy copies, in input units (typically several times the JiT ``sigma``).
+        clean_logits: ``model(x)`` if already computed with autograd.
+        reduction: ``"mean"`` or ``"sum"`` over samples, as in :func:`jit_objective`.
+        output_selector: How to find the logits in the model's output.
+        generator: Optional generator for the noise.
+        keys: Per-sample ids for keyed noise (see :func:`jit_objective`).
+        seed: Seed combined with ``keys``.
+        epoch: Epoch combined with ``keys``.
+
+    Example:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> frozen = torch.nn.Linear(4, 3)
+        >>> _ = frozen.load_state_dict(net.state_dict())
+        >>> logit_norm_penalty(net, frozen, torch.randn(8, 4), sigma=0.5).item()  # same weights: no growth
+        0.0
+        >>> with torch.no_grad():
+        ...     _ = net.weight.mul_(2.0), net.bias.mul_(2.0)  # doubled logits: growth 1 everywhere
+        >>> round(logit_norm_penalty(net, frozen, torch.randn(8, 4), sigma=0.5).item(), 5)
+        1.0
+    """
+    if reduction not in ("mean", "sum"):
+        raise JiTInputError(f'`reduction` must be "mean" or "sum", got {reduction!r}.')
+    batch_size = x.shape[0]
+    if clean_logits is None:
+        clean_logits = select_output(model(x), output_selector)
+    noise = NoiseStream(x, sigma, generator=generator, keys=keys, seed=seed + _PENALTY_SEED_SALT, epoch=epoch).next()
+    noisy = x + noise.to(x.dtype)
+    noisy_logits = select_output(model(noisy), output_selector)
+    out = torch.cat([_check_logits(clean_logits, batch_size), _check_logits(noisy_logits, batch_size)]).float()
+    with torch.no_grad():
+        ref = _check_logits(select_output(reference(torch.cat([x, noisy])), output_selector), 2 * batch_size).float()
+    growth = out.norm(dim=1) / ref.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny) - 1.0
+    per_sample = growth.clamp_min(0.0).pow(2).view(2, batch_size).mean(dim=0)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_jit.config import JiTConfig
-from lightning_jit.objective import JiTInputError, check_forget_input, jit_objective, select_output
+from lightning_jit.objective import (
+    JiTInputError,
+    check_forget_input,
+    jit_objective,
+    logit_norm_penalty,
+    select_output,
+)
 
 
 def batch_to_input(batch: Any, config: JiTConfig) -> Tensor:
@@ -99,6 +105,36 @@ def normalization_mode(model: nn.Module, policy: str) -> Iterator[None]:
         if changed:
             for module, training in modes:
                 module.training = training
+
+
+class FrozenReference:
+    """The original model, frozen, for :func:`~lightning_jit.objective.logit_norm_penalty`.
+
+    It keeps a copy of ``module``'s parameters and buffers as they are now and evaluates ``module`` with them
+    (``torch.func.functional_call``) in eval mode, without autograd, however ``module`` changes later. It holds one
+    extra copy of the weights; the module object itself is shared, not copied.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> frozen = FrozenReference(net)
+        >>> x = torch.ones(1, 2)
+        >>> before = net(x).detach()
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> torch.equal(frozen(x), before)
+        True
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.state = {
+            name: tensor.detach().clone() for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        }
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Any:
+        with normalization_mode(self.module, "eval"):
+            return torch.func.functional_call(self.module, self.state, (x,))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -195,6 +231,7 @@ def jit_step(
     shard: tuple[int, int] | None = None,
     grad_average_size: int = 1,
     agree: Callable[[bool], bool] | None = None,
+    reference: Callable[[Tensor], Any] | None = None,
 ) -> StepResult:
     """Run one JiT update on one forget batch.
 
@@ -225,7 +262,11 @@ def jit_step(
             loss is scaled so that the averaged gradient equals that of one process running the global batch.
         agree: Combines this process's "the step is finite" decision with the others' (e.g.
             ``strategy.reduce_boolean_decision(..., all=True)``) so that all ranks skip together.
+        reference: The original model's forward (a :class:`FrozenReference`), required when
+            ``config.logit_norm_penalty > 0``.
     """
+    if config.logit_norm_penalty > 0 and reference is None:
+        raise ValueError("`config.logit_norm_penalty > 0` needs `reference`, the frozen original model.")
     x = batch_to_input(batch, config)
     labels = batch_labels(batch, config)
     if labels is not None and labels.shape[0] != x.shape[0]:
@@ -238,6 +279,8 @@ def jit_step(
     global_size = int(x.shape[0]) * (1 if shard is not None else max(1, int(grad_average_size)))
     if shard is not None:
         x, labels, keys = _take_shard(x, labels, keys, *shard)
+    # Under DDP each rank sums its share; the loss is rescaled below so that DDP's average is the global batch's.
+    reduction = "sum" if (shard is not None or grad_average_size > 1) else config.reduction
     optimizer.zero_grad(set_to_none=True)
     target = norm_module if norm_module is not None else model
     context = forward_context() if forward_context is not None else contextlib.nullcontext()
@@ -256,7 +299,7 @@ def jit_step(
                 x,
                 config.sigma,
                 config.n_perturbations,
-                reduction="sum" if (shard is not None or grad_average_size > 1) else config.reduction,
+                reduction=reduction,
                 clamp=config.clamp,
                 output_selector=config.output_selector,
                 generator=generator,
@@ -268,6 +311,21 @@ def jit_step(
                 center_logits=config.center_logits,
                 normalize_logits=config.normalize_logits,
             )
+            if config.logit_norm_penalty > 0:
+                assert reference is not None
+                loss = loss + config.logit_norm_penalty * logit_norm_penalty(
+                    model,
+                    reference,
+                    x,
+                    config.logit_norm_sigma,
+                    clean_logits=clean,
+                    reduction=reduction,
+                    output_selector=config.output_selector,
+                    generator=generator,
+                    keys=keys,
+                    seed=config.seed or 0,
+                    epoch=epoch,
+                )
     if shard is not None or grad_average_size > 1:
         # Rule: DDP averages the W ranks' gradients, so rank r's loss is W * (its sum of ratios) / B_global
         # ("mean") or W * (its sum of ratios) ("sum"); their average is the one-process loss of the global batch.

@@ -54,7 +54,9 @@ VALID = {
     "lr": lambda v: _real(v) and math.isfinite(v) and v > 0,
     "n_perturbations": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "perturbation_chunk": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "perturbation_chunk": lambda v: (
+        v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    ),
     "momentum": lambda v: _real(v) and 0 <= v < 1,
     "target_forget_accuracy": lambda v: v is None or (_real(v) and 0 <= v <= 100),
     "max_drop": lambda v: _real(v) and math.isfinite(v) and 0 <= v <= 100,

@@ -17,6 +17,7 @@ def test_improved_settings_use_the_kept_improvements():
     """The improvements the benchmark keeps are really switched on in the settings it runs."""
     for settings in bench_quality.IMPROVED.values():
         assert settings["normalize_logits"] is True
+        assert settings["logit_norm_penalty"] == 10.0
     assert bench_quality.IMPROVED["class"]["target_forget_accuracy"] is not None
 
 

@@ -151,8 +151,11 @@ def test_each_when_unlearns_like_the_wrapper_and_checkpoints_hold_it(when, train
 
 
 def test_equivalence_with_wrapper_for_every_setting(trained_bn_cnn, digits, tmp_path):
-    """BatchNorm model, epochs, momentum, sum reduction, batch clamp and the stopping rule: identical weights."""
+    """BatchNorm model, epochs, momentum, sum reduction, batch clamp, the logit-norm penalty and the stopping rule:
+    identical weights."""
     settings = dict(
+        logit_norm_penalty=10.0,
+        logit_norm_sigma=0.5,
         sigma=0.3,
         lr=0.002,
         n_perturbations=5,

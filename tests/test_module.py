@@ -314,3 +314,44 @@ def test_labels_that_do_not_match_the_inputs_are_refused(trained_cnn, digits):
         collate_fn=lambda items: (torch.stack([a for a, _ in items]), torch.zeros(3, dtype=torch.long)),
     )
     _fails_without_changing(trained_cnn, loader, JiTInputError, "label_key")
+
+
+def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, digits):
+    """Two steps with the penalty equal hand SGD steps on objective + lambda * penalty vs. a frozen pre-run copy.
+
+    (At the first step the model is the reference, so the penalty and its gradient are 0; the second step has both.)
+    """
+    from lightning_jit.objective import jit_objective, logit_norm_penalty
+
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    start = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
+    settings = dict(sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5, guard=False)
+
+    def run(penalty):
+        model = DigitsCNN()
+        model.load_state_dict(start)
+        wrapper = JiTUnlearning(model, logit_norm_penalty=penalty, logit_norm_sigma=0.5, **settings)
+        quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x, y), batch_size=8))
+        return model
+
+    unlearned = run(10.0)
+    model, frozen = DigitsCNN(), DigitsCNN()
+    model.load_state_dict(start)
+    frozen.load_state_dict(start)
+    model.eval()
+    frozen.eval()
+    generator = torch.Generator().manual_seed(5)
+    for xb in (x[:8], x[8:]):
+        clean = model(xb)
+        loss = jit_objective(model, xb, 0.2, 4, generator=generator, clean_logits=clean, normalize_logits=True)
+        loss = loss + 10.0 * logit_norm_penalty(model, frozen, xb, 0.5, clean_logits=clean, generator=generator)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+    for (name, got), want in zip(unlearned.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6), name
+    plain = run(0.0)
+    pairs = zip(plain.state_dict().values(), unlearned.state_dict().values(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)

@@ -252,3 +252,54 @@ def test_normalized_objective_is_scale_free():
 
     torch.testing.assert_close(loss(scaled, False), 10 * loss(base, False))
     torch.testing.assert_close(loss(scaled, True), loss(base, True))
+
+
+def test_logit_norm_penalty_matches_a_per_sample_loop():
+    """The penalty against the formula, sample by sample: one-sided squared growth of the logits' norm."""
+    from lightning_jit.objective import logit_norm_penalty
+
+    model, frozen = _net(0), _net(0)
+    with torch.no_grad():
+        for p in model.parameters():  # some rows grow, some shrink: both sides of the relu are exercised
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(6, 3, 4)
+    got = logit_norm_penalty(model, frozen, x, 0.5, generator=torch.Generator().manual_seed(4))
+    noise = NoiseStream(x, 0.5, generator=torch.Generator().manual_seed(4)).next()
+    per_sample = []
+    for b in range(6):
+        terms = []
+        for v in (x[b : b + 1], x[b : b + 1] + noise[b : b + 1]):
+            growth = float(model(v).norm() / frozen(v).norm()) - 1.0
+            terms.append(max(growth, 0.0) ** 2)
+        per_sample.append(sum(terms) / 2)
+    assert float(got) == pytest.approx(sum(per_sample) / 6, rel=1e-5)
+    summed = logit_norm_penalty(model, frozen, x, 0.5, generator=torch.Generator().manual_seed(4), reduction="sum")
+    assert float(summed) == pytest.approx(sum(per_sample), rel=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is None for p in frozen.parameters())
+    # Logits that only shrink cost nothing (the penalty is one-sided).
+    shrunk = _net(0)
+    with torch.no_grad():
+        shrunk[-1].weight.mul_(0.5)
+        shrunk[-1].bias.mul_(0.5)
+    assert float(logit_norm_penalty(shrunk, frozen, x, 0.5)) == 0.0
+
+
+def test_auto_chunk_is_the_measured_size_of_the_device():
+    """``"auto"`` (the default) sends the CPU's 256 perturbed samples per pass: the same passes as an explicit 256."""
+    from lightning_jit.objective import PERTURBATION_CHUNK_BY_DEVICE, resolve_perturbation_chunk
+
+    assert resolve_perturbation_chunk("auto", torch.device("cpu")) == PERTURBATION_CHUNK_BY_DEVICE["cpu"] == 256
+    assert resolve_perturbation_chunk("auto", torch.device("cuda")) == PERTURBATION_CHUNK_BY_DEVICE["cuda"]
+    assert resolve_perturbation_chunk(None, torch.device("cuda")) is None
+    model = _net()
+    sizes: dict[object, list[int]] = {}
+    for chunk in ("auto", 256, 64):
+        calls: list[int] = []
+        handle = model.register_forward_hook(lambda m, i, o, calls=calls: calls.append(i[0].shape[0]))
+        jit_objective(model, torch.randn(20, 3, 4), 0.1, 25, perturbation_chunk=chunk)
+        handle.remove()
+        sizes[chunk] = calls
+    assert sizes["auto"] == sizes[256] == [20, 256, 244]
+    assert sizes[64] != sizes[256]

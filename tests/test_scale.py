@@ -117,8 +117,16 @@ def test_non_finite_step_is_skipped_counted_and_never_applied(digits, _trained_s
 def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
     torch.manual_seed(0)
     model = DigitsCNN()  # untrained: large gradients make any difference between the runs show
-    wrapper = JiTUnlearning(
-        model, sigma=0.2, lr=0.05, n_perturbations=5, epochs=2, seed=7, perturbation_chunk=16, guard=False
+    wrapper = JiTUnlearning(  # with the logit-norm penalty: its keyed noise and its reduction are sharded too
+        model,
+        sigma=0.2,
+        lr=0.05,
+        n_perturbations=5,
+        epochs=2,
+        seed=7,
+        perturbation_chunk=16,
+        guard=False,
+        logit_norm_penalty=1.0,  # (10 diverges on this untrained model, whose logits are tiny)
     )
     data = TensorDataset(digits.x_train[:40], digits.y_train[:40], torch.arange(40))
     # 40 samples in batches of 13: the last batch has a single sample, so one of the two ranks gets none of it.
