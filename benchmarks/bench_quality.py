@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._overrides import add_set_argument, parse_overrides  # noqa: E402
 from benchmarks.reference_port import reference_unlearn  # noqa: E402
 from lightning_jit.data import (  # noqa: E402
     DigitsCNN,
@@ -322,22 +323,6 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def _value(text: str):
-    """A ``--set`` value: a number, true/false/none, or the text itself."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out", help="Output directory for quality.md and quality.png.")
@@ -345,15 +330,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--classes", default="3,4,8", help="Classes for full-class forgetting (default 3,4,8).")
     parser.add_argument("--quick", action="store_true", help="A tiny configuration for the test suite.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override one of the library's settings (e.g. logit_norm_penalty=3), to measure a variant.",
-    )
+    add_set_argument(parser)
     args = parser.parse_args(argv)
-    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     improved = {
         "class": {**IMPROVED["class"], **overrides},
         "random": {**IMPROVED["random"], **{k: v for k, v in overrides.items() if k != "target_forget_accuracy"}},

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import lightning.pytorch as pl  # noqa: E402
 
+from benchmarks._overrides import add_set_argument, parse_overrides  # noqa: E402
 from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier  # noqa: E402
 from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS  # noqa: E402
 from lightning_jit.io import atomic_write  # noqa: E402
@@ -187,22 +188,6 @@ def to_markdown(jobs: list[dict], held_out: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _value(text: str):
-    """A ``--set`` value: a number, true/false/none, or the text itself."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out", help="Output directory for tune_bench.md and .json.")
@@ -211,15 +196,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="A tiny configuration for the test suite.")
     parser.add_argument("--variants", default="", help=f"Comma-separated subset of {', '.join(VARIANTS)}.")
     parser.add_argument("--models", default="", help=f"Comma-separated subset of {', '.join(MODELS)}.")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override one of the library's settings (e.g. logit_norm_penalty=3), to measure a variant.",
-    )
+    add_set_argument(parser)
     args = parser.parse_args(argv)
-    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     held_out = [0] if args.quick else list(HELD_OUT)
     variants = [v for v in args.variants.split(",") if v] if args.variants else []
     if not variants:  # Optuna is optional: measure it when it is installed

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_jit.information import check_tau, layer_features, sample_information, split_by_information
-from lightning_jit.io import atomic_write
+from lightning_jit.io import atomic_write, json_safe
 from lightning_jit.metrics import (
     SPLITS,
     EntropyMIA,
@@ -105,7 +105,7 @@ class UnlearningReport:
         if not per_sample:
             out.pop("forget_entropies")
             out.pop("forget_alpha")
-        return _json_safe(out)
+        return json_safe(out)
 
     def to_json(self, path: str | os.PathLike | None = None, per_sample: bool = False) -> str:
         """The report as JSON text; also written (atomically) to ``path`` if given."""
@@ -301,16 +301,6 @@ def _fmt(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return fmt.format(value)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------------

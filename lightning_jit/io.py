@@ -7,6 +7,7 @@ destination, so a reader (or a crash, SIGINT or SIGTERM) never sees a partial fi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import tempfile
@@ -178,3 +179,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Inf floats as ``None`` and non-string keys as strings, for strict JSON.
+
+    Example:
+        >>> json_safe({1: [float("nan"), 2.0]})
+        {'1': [None, 2.0]}
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from lightning_jit.config import JiTConfig
 from lightning_jit.evaluate import predict_split
 from lightning_jit.guard import JiTDivergenceError
-from lightning_jit.io import atomic_write
+from lightning_jit.io import atomic_write, json_safe
 from lightning_jit.metrics import prediction_entropy
 from lightning_jit.module import JiTUnlearning
 from lightning_jit.probes import probe_confidence, synthesize_class_probes
@@ -233,7 +232,7 @@ class TuneResult:
         with atomic_write(paths["markdown"]) as fh:
             fh.write(self.table() + "\n" + (f"\n{self.message}\n" if self.message else ""))
         with atomic_write(paths["json"]) as fh:
-            json.dump(_json_safe(self.to_dict()), fh, indent=2)
+            json.dump(json_safe(self.to_dict()), fh, indent=2)
         self.plot(paths["png"])
         return paths
 
@@ -877,15 +876,3 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return json.dumps(value) if isinstance(value, str) else str(value)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
