@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="resnet18,vit_b_16", help="GPU models to time (default: both).")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.cpu
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.backends.cudnn.benchmark = True
             plan = [("resnet18", [256, 1024, None], True), ("vit_b_16", [256, 1024], False)]
+            plan = [step for step in plan if step[0] in args.models.split(",")]
             batches, n, precisions = [128], 25, ["32-true", "bf16-mixed"]
         else:
             plan = [("digits", [], False)]
