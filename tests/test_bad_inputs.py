@@ -58,6 +58,8 @@ VALID = {
         v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
     ),
     "momentum": lambda v: _real(v) and 0 <= v < 1,
+    "logit_norm_penalty": lambda v: _real(v) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+    "logit_norm_sigma": lambda v: _real(v) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
     "target_forget_accuracy": lambda v: v is None or (_real(v) and 0 <= v <= 100),
     "max_drop": lambda v: _real(v) and math.isfinite(v) and 0 <= v <= 100,
     "check_every": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
