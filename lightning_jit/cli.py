@@ -667,6 +667,14 @@ def _run_tune(rest: list[str]) -> None:
     from lightning_jit.tune import tune_jit
 
     args = _tune_parser().parse_args(rest)
+    for flag, value, ok in (
+        ("--n_configs", args.n_configs, args.n_configs >= 1),
+        ("--max_epochs", args.max_epochs, args.max_epochs >= 1),
+        ("--budget", args.budget, args.budget is None or args.budget > 0),
+        ("--max_drop", args.max_drop, args.max_drop >= 0),
+    ):
+        if not ok:
+            raise JiTUsageError(flag, f"must be > 0 (>= 0 for --max_drop, >= 1 for counts), got {value!r}.")
     job = _load_job(args.config)
     ckpt_path = args.ckpt_path or job.config.get("ckpt_path")
     if not ckpt_path:

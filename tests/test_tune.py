@@ -274,13 +274,19 @@ def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, t
     ]
     done = subprocess.run(tune, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    tuned = yaml.safe_load((tmp_path / "tune" / "tuned.yaml").read_text())["jit"]
+    tuned_text = (tmp_path / "tune" / "tuned.yaml").read_text()
+    tuned = yaml.safe_load(tuned_text)["jit"]
     assert tuned["sigma"] != 9.0 and tuned["normalize_logits"] is True and tuned["target_forget_accuracy"] == 15.0
     assert (tmp_path / "tune" / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(chosen)" in (tmp_path / "tune" / "trials.md").read_text()
 
     again = subprocess.run(tune, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "--out" in again.stderr and "--overwrite" in again.stderr
+    bad = subprocess.run(
+        [*tune, "--overwrite", "--n_configs", "0"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert bad.returncode == 2 and "--n_configs" in bad.stderr
+    assert (tmp_path / "tune" / "tuned.yaml").read_text() == tuned_text  # a usage error writes nothing
 
     unlearn = [
         sys.executable,
