@@ -398,3 +398,23 @@ def test_ddp_spawn_ledger_matches_single_process(trained_cnn, digits, tmp_path):
     for name, value in _state(unlearned).items():
         torch.testing.assert_close(value, after.seen["on_train_start"][0][name], rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(_state(unlearned)["head.3.weight"], start["head.3.weight"])
+
+
+def test_callback_and_wrapper_take_every_jit_setting_with_the_same_defaults():
+    """The callback and the wrapper repeat JiTConfig's fields in their signatures: they must not drift apart."""
+    import dataclasses
+    import inspect
+
+    from lightning_jit.config import JiTConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(JiTConfig) if f.name not in ("sigma", "lr")}
+    for cls in (JiTUnlearningCallback, JiTUnlearning):
+        params = inspect.signature(cls.__init__).parameters
+        assert set(fields) <= set(params), (cls.__name__, set(fields) - set(params))
+        for name, default in fields.items():
+            if name == "seed" and cls is JiTUnlearningCallback:
+                continue  # the callback seeds by default (0) so that every run is reproducible from its audit record
+            got = params[name].default
+            want = None if default is dataclasses.MISSING else default
+            assert got == want, (cls.__name__, name, got, want)
+        assert "logit_norm_penalty:" in cls.__doc__
