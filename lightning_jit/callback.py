@@ -218,7 +218,7 @@ class JiTUnlearningCallback(Callback):
         center_logits: bool = False,
         normalize_logits: bool = False,
         logit_norm_penalty: float = 0.0,
-        logit_norm_sigma: float = 0.5,
+        logit_norm_sigma: float = 1.0,
         clamp: ClampSpec = None,
         norm_policy: str = "eval",
         perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK,

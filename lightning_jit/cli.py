@@ -99,7 +99,7 @@ class JiTArgs:
     center_logits: bool = False
     normalize_logits: bool = False
     logit_norm_penalty: float = 0.0
-    logit_norm_sigma: float = 0.5
+    logit_norm_sigma: float = 1.0
     clamp: ClampSpec = None
     norm_policy: Literal["eval", "train"] = "eval"
     perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK

@@ -82,7 +82,8 @@ class JiTUnlearning(pl.LightningModule):
             the weights (twice the model's memory) and costs about a quarter more time per step. It measures growth
             relative to the original logits, so it is meant for trained classifiers: on a model whose logits are near
             zero (e.g. untrained) a weight of 10 can make steps diverge.
-        logit_norm_sigma: Std of the penalty's noisy copies of the forget inputs, in input units (default 0.5).
+        logit_norm_sigma: Std of the penalty's noisy copies of the forget inputs, in input units (default 1.0, the
+            measured best for full-class forgetting; 0.5 for sub-class, see ``lightning_jit.demo``).
         logit_norm_reference: The model whose logit norms bound the unlearned model's (default: ``model`` as it is
             when training starts). Give the original when a run continues from partly unlearned weights.
         clamp: ``None``, ``"batch"`` (clamp perturbed inputs to the batch min/max, as the reference) or
@@ -142,7 +143,7 @@ class JiTUnlearning(pl.LightningModule):
         center_logits: bool = False,
         normalize_logits: bool = False,
         logit_norm_penalty: float = 0.0,
-        logit_norm_sigma: float = 0.5,
+        logit_norm_sigma: float = 1.0,
         logit_norm_reference: nn.Module | None = None,
         clamp: ClampSpec = None,
         norm_policy: str = "eval",

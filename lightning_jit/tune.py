@@ -55,7 +55,7 @@ Search = Literal["halving", "random", "optuna"]
 
 #: Settings every trial uses unless ``tune_jit`` is given others: the demo's scale-free objective and logit-norm
 #: penalty (the stopping rule's target is ``tune_jit``'s ``target_forget_accuracy``).
-TUNE_BASE_SETTINGS: dict[str, Any] = {"normalize_logits": True, "logit_norm_penalty": 10.0, "logit_norm_sigma": 0.5}
+TUNE_BASE_SETTINGS: dict[str, Any] = {"normalize_logits": True, "logit_norm_penalty": 10.0, "logit_norm_sigma": 1.0}
 #: Default search ranges (log scale), for inputs standardised to unit std.
 DEFAULT_SIGMA_RANGE = (0.02, 1.0)
 DEFAULT_LR_RANGE = (3e-3, 0.3)
@@ -307,7 +307,7 @@ def tune_jit(
         trainer_kwargs: Extra ``pl.Trainer`` arguments for the runs (e.g. ``accelerator``, ``precision``).
         progress: Show a progress bar over the runs.
         jit_kwargs: Other :class:`~lightning_jit.module.JiTUnlearning` arguments shared by every trial (default
-            :data:`TUNE_BASE_SETTINGS`: ``normalize_logits=True, logit_norm_penalty=10.0, logit_norm_sigma=0.5``).
+            :data:`TUNE_BASE_SETTINGS`: ``normalize_logits=True, logit_norm_penalty=10.0, logit_norm_sigma=1.0``).
 
     Returns:
         A :class:`TuneResult`: ``result.settings()`` for ``JiTUnlearning``, ``result.to_yaml()`` for the CLI,

@@ -18,7 +18,8 @@ def test_improved_settings_use_the_kept_improvements():
     for settings in bench_quality.IMPROVED.values():
         assert settings["normalize_logits"] is True
         assert settings["logit_norm_penalty"] == 10.0
-    assert bench_quality.IMPROVED["class"]["target_forget_accuracy"] is not None
+    assert bench_quality.IMPROVED["full-class"]["target_forget_accuracy"] is not None
+    assert bench_quality.IMPROVED["sub-class"]["logit_norm_sigma"] == 0.5
 
 
 def test_reference_tuning_picks_best_tug_of_war():
