@@ -46,6 +46,7 @@ from lightning_jit.data import (  # noqa: E402
     accuracy,
     class_mask,
     load_digits_split,
+    quiet_trainer,
     random_forget_mask,
     train_classifier,
 )
@@ -130,15 +131,7 @@ def _tow(row: Row, gold: Row) -> float:
 def _run_library(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, seed: int, **settings) -> float:
     pl.seed_everything(seed, verbose=False)
     wrapper = JiTUnlearning(model, **settings)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=settings.get("epochs", 1),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=settings.get("epochs", 1))
     start = time.perf_counter()
     trainer.fit(wrapper, _loader(x, y, batch_size))
     return time.perf_counter() - start

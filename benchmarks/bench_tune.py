@@ -36,10 +36,16 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning.pytorch as pl  # noqa: E402
 
 from benchmarks._overrides import add_set_argument, parse_overrides  # noqa: E402
-from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier  # noqa: E402
+from lightning_jit.data import (  # noqa: E402
+    DigitsCNN,
+    accuracy,
+    class_mask,
+    load_digits_split,
+    quiet_trainer,
+    train_classifier,
+)
 from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS  # noqa: E402
 from lightning_jit.io import atomic_write  # noqa: E402
 from lightning_jit.module import JiTUnlearning  # noqa: E402
@@ -69,15 +75,7 @@ def _loader(x, y) -> DataLoader:
 def _unlearn(original, split, cls: int, settings: dict) -> dict[str, float]:
     model = copy.deepcopy(original)
     f = class_mask(split.y_train, [cls])
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=settings["epochs"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=settings["epochs"])
     start = time.perf_counter()
     trainer.fit(JiTUnlearning(model, **settings), _loader(split.x_train[f], split.y_train[f]))
     seconds = time.perf_counter() - start

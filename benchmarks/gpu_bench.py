@@ -42,7 +42,14 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from benchmarks.bench_objective import bench, format_table, ratios  # noqa: E402
 from lightning_jit import JiTUnlearning  # noqa: E402
-from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier  # noqa: E402
+from lightning_jit.data import (  # noqa: E402
+    DigitsCNN,
+    accuracy,
+    class_mask,
+    load_digits_split,
+    quiet_trainer,
+    train_classifier,
+)
 from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS  # noqa: E402
 
 MARK = 40.0
@@ -58,17 +65,7 @@ class InfOnMarkedBatch(DigitsCNN):
 
 
 def _trainer(accelerator: str, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return quiet_trainer(**{"accelerator": accelerator, "max_epochs": 1, **kwargs})
 
 
 def _weights(model: torch.nn.Module) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -120,6 +121,25 @@ class DigitsCNN(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A ``pl.Trainer`` for work done on the user's behalf: one CPU device, no logger, checkpoints, progress bar or
+    model summary. Any argument overrides these defaults.
+
+    Example:
+        >>> quiet_trainer(max_epochs=2).max_epochs
+        2
+    """
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def train_classifier(
     model: pl.LightningModule | Callable[[], pl.LightningModule],
     x: Tensor,
@@ -139,17 +159,7 @@ def train_classifier(
     loader = DataLoader(
         TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    trainer.fit(model, train_dataloaders=loader)
+    quiet_trainer(max_epochs=epochs, deterministic=True).fit(model, train_dataloaders=loader)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier
+from lightning_jit.data import DigitsCNN, accuracy, class_mask, load_digits_split, quiet_trainer, train_classifier
 from lightning_jit.module import JiTUnlearning
 
 #: The settings the demo uses for full-class forgetting of the digits CNN: the scale-free objective
@@ -127,15 +127,7 @@ def run_demo(
     original = copy.deepcopy(model)  # JiT changes the model in place; keep the original for the report
     pl.seed_everything(seed, verbose=False)
     wrapper = JiTUnlearning(model, **DEMO_JIT_SETTINGS)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=DEMO_JIT_SETTINGS["epochs"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=verbose,
-    )
+    trainer = quiet_trainer(max_epochs=DEMO_JIT_SETTINGS["epochs"], enable_progress_bar=verbose)
     start = time.perf_counter()
     trainer.fit(wrapper, train_dataloaders=forget_loader)
     measure("JiT (unlearned)", wrapper.model, time.perf_counter() - start)

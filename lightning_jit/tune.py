@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_jit.config import JiTConfig
+from lightning_jit.data import quiet_trainer
 from lightning_jit.evaluate import predict_split
 from lightning_jit.guard import JiTDivergenceError
 from lightning_jit.io import atomic_write, json_safe
@@ -680,20 +680,10 @@ def _advance(
         logit_norm_reference=judge.original,  # runs that go on from a rung still compare with the original
         **base,
     )
-    kwargs = {
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        **(trainer_kwargs or {}),
-        "max_epochs": more,
-    }
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + trial.index)
-        trainer = pl.Trainer(**kwargs)
+        trainer = quiet_trainer(**{"accelerator": "auto", **(trainer_kwargs or {}), "max_epochs": more})
         try:
             trainer.fit(wrapper, train_dataloaders=forget)
             trial.outcome = wrapper.outcome

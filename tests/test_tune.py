@@ -26,6 +26,11 @@ def _class_loader(digits, cls: int, batch_size: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(digits.x_train[f], digits.y_train[f]), batch_size=batch_size)
 
 
+def _tune(model: torch.nn.Module, forget, **kwargs):
+    """``tune_jit`` as the tests run it: on the CPU, without a progress bar."""
+    return tune_jit(model, forget, progress=False, trainer_kwargs={"accelerator": "cpu"}, **kwargs)
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -33,7 +38,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_settings_tuned_on_one_class_forget_another(trained_cnn, digits):
     """The issue's acceptance test: tune (zero-shot) on digit 1, then unlearn digit 0 with the chosen settings."""
     before = _state(trained_cnn)
-    result = tune_jit(trained_cnn, _class_loader(digits, 1), progress=False, trainer_kwargs={"accelerator": "cpu"})
+    result = _tune(trained_cnn, _class_loader(digits, 1))
     for key, value in before.items():  # the model given to tune_jit is never changed
         assert torch.equal(trained_cnn.state_dict()[key], value)
     assert result.best.met and result.best.feasible and result.message is None
@@ -49,14 +54,12 @@ def test_settings_tuned_on_one_class_forget_another(trained_cnn, digits):
 
 def test_trial_table_is_complete_and_reproducible(trained_cnn, digits):
     def tune(seed: int):
-        return tune_jit(
+        return _tune(
             trained_cnn,
             _class_loader(digits, 1),
             n_configs=4,
             max_epochs=3,
             seed=seed,
-            progress=False,
-            trainer_kwargs={"accelerator": "cpu"},
         )
 
     first, again, other = tune(0), tune(0), tune(1)
@@ -73,7 +76,7 @@ def test_optuna_search_is_reproducible_and_prunes_on_the_same_rungs(trained_cnn,
     pytest.importorskip("optuna")
 
     def tune():
-        return tune_jit(
+        return _tune(
             trained_cnn,
             _class_loader(digits, 1),
             search="optuna",
@@ -81,8 +84,6 @@ def test_optuna_search_is_reproducible_and_prunes_on_the_same_rungs(trained_cnn,
             reduction_factor=2,
             max_epochs=4,
             finalists=1,
-            progress=False,
-            trainer_kwargs={"accelerator": "cpu"},
         )
 
     first, again = tune(), tune()
@@ -96,15 +97,13 @@ def test_optuna_search_is_reproducible_and_prunes_on_the_same_rungs(trained_cnn,
 def test_successive_halving_gives_the_survivors_the_epochs(trained_cnn, digits):
     assert _schedule(16, 3, 30) == [(16, 3), (5, 10), (1, 30)]
     assert _schedule(4, 2, 8) == [(4, 2), (2, 4), (1, 8)]
-    result = tune_jit(
+    result = _tune(
         trained_cnn,
         _class_loader(digits, 1),
         n_configs=4,
         reduction_factor=2,
         max_epochs=8,
         finalists=0,
-        progress=False,
-        trainer_kwargs={"accelerator": "cpu"},
     )
     for trial in result.trials:
         # A trial runs at most the epochs of the last rung it reached, and runs on only while the rule has not fired.
@@ -116,15 +115,13 @@ def test_successive_halving_gives_the_survivors_the_epochs(trained_cnn, digits):
 
 
 def test_finalists_are_judged_by_their_worst_run(trained_cnn, digits):
-    result = tune_jit(
+    result = _tune(
         trained_cnn,
         _class_loader(digits, 3),
         n_configs=4,
         max_epochs=6,
         finalists=2,
         repeats=1,
-        progress=False,
-        trainer_kwargs={"accelerator": "cpu"},
     )
     confirmed = [t for t in result.trials if t.repeats]
     assert len(confirmed) == 2
@@ -141,9 +138,7 @@ def test_finalists_are_judged_by_their_worst_run(trained_cnn, digits):
 
 def test_impossible_budget_returns_the_best_trial_so_far(trained_cnn, digits):
     with pytest.warns(UserWarning, match="time budget of 0.001 s ran out after 1 of"):
-        result = tune_jit(
-            trained_cnn, _class_loader(digits, 1), budget=1e-3, progress=False, trainer_kwargs={"accelerator": "cpu"}
-        )
+        result = _tune(trained_cnn, _class_loader(digits, 1), budget=1e-3)
     assert [t.index for t in result.trials if t.history] == [result.best.index]
     assert "best trial so far" in result.message and "--budget" in result.message
     assert math.isfinite(result.best.forget_acc)
@@ -153,7 +148,7 @@ def test_monitored_mode_measures_the_monitor_and_enforces_max_drop(trained_cnn, 
     kept = ~class_mask(digits.y_test, [1])
     monitor = DataLoader(TensorDataset(digits.x_test[kept], digits.y_test[kept]), batch_size=128)
     reference = accuracy(trained_cnn, digits.x_test[kept], digits.y_test[kept])
-    result = tune_jit(
+    result = _tune(
         trained_cnn,
         _class_loader(digits, 1),
         monitor=monitor,
@@ -161,8 +156,6 @@ def test_monitored_mode_measures_the_monitor_and_enforces_max_drop(trained_cnn, 
         logit_norm_penalty=0.0,  # plain JiT: some trials then lose more than 0.5 points, as the last check needs
         n_configs=4,
         max_epochs=6,
-        progress=False,
-        trainer_kwargs={"accelerator": "cpu"},
     )
     assert result.mode == "monitored" and "monitor acc" in result.table()
     for trial in result.trials:
@@ -179,7 +172,7 @@ def test_random_task_needs_unseen_data_and_measures_the_confidence_gap(trained_c
         tune_jit(trained_cnn, forget, task="random")
     unseen = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=256)
     # A step size so small that the model does not move: the measured gap must be the original model's.
-    result = tune_jit(
+    result = _tune(
         trained_cnn,
         forget,
         task="random",
@@ -190,8 +183,6 @@ def test_random_task_needs_unseen_data_and_measures_the_confidence_gap(trained_c
         max_epochs=1,
         finalists=0,
         confidence_tolerance=0.25,
-        progress=False,
-        trainer_kwargs={"accelerator": "cpu"},
     )
     with torch.no_grad():
         conf = lambda x: float(torch.softmax(trained_cnn(x), 1).max(1).values.mean() * 100)  # noqa: E731
