@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import torch.distributed as dist
+
 
 def quiet_trainer(**kwargs):
     """The library's quiet Trainer, for one epoch unless told otherwise."""
     from lightning_jit.data import quiet_trainer as library_quiet_trainer
 
     return library_quiet_trainer(**{"max_epochs": 1, **kwargs})
+
+
+def release_process_group():
+    """A callback for Lightning ``ddp_spawn`` runs in the tests: every rank leaves the process group together at the
+    end of ``fit``.
+
+    Otherwise each spawned process destroys it in an ``atexit`` handler as it exits, each at its own time; in full
+    test runs a child then sometimes died with "terminate called without an active exception" (SIGABRT) after its
+    training had finished (2 of 11 full-suite runs here), which looks like one rank's gloo teardown racing the other's
+    exit.
+    """
+    return _ReleaseProcessGroup()
+
+
+class _ReleaseProcessGroup(pl.Callback):
+    """See :func:`release_process_group` (defined at module level so that ``ddp_spawn`` can pickle it)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

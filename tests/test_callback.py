@@ -8,6 +8,7 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
+from _utils import release_process_group
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -381,7 +382,7 @@ def test_ddp_spawn_ledger_matches_single_process(trained_cnn, digits, tmp_path):
     model = DigitsCNN()
     model.load_state_dict(start)
     ddp = JiTUnlearningCallback(forget, **kwargs)
-    _fit(model, tmp_path / "two", [ddp], digits, strategy="ddp_spawn", devices=2)
+    _fit(model, tmp_path / "two", [ddp, release_process_group()], digits, strategy="ddp_spawn", devices=2)
 
     (record,) = read_audit(tmp_path / "two" / "ckpt" / AUDIT_FILENAME)
     ckpt = torch.load(tmp_path / "two" / "ckpt" / "unlearned.ckpt", weights_only=False)

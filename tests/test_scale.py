@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import quiet_trainer
+from _utils import quiet_trainer, release_process_group
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -130,7 +130,13 @@ def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
     )
     data = TensorDataset(digits.x_train[:40], digits.y_train[:40], torch.arange(40))
     # 40 samples in batches of 13: the last batch has a single sample, so one of the two ranks gets none of it.
-    trainer = quiet_trainer(devices=devices, strategy=strategy, max_epochs=2, use_distributed_sampler=False)
+    trainer = quiet_trainer(
+        devices=devices,
+        strategy=strategy,
+        max_epochs=2,
+        use_distributed_sampler=False,
+        callbacks=[release_process_group()],
+    )
     trainer.fit(wrapper, DataLoader(data, batch_size=13))
     return _weights(model)
 
