@@ -39,7 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.reference_port import reference_step  # noqa: E402
-from lightning_jit.config import JiTConfig  # noqa: E402
+from lightning_jit.config import PLAIN_JIT, JiTConfig  # noqa: E402
 from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK  # noqa: E402
 from lightning_jit.step import jit_step, trainable_parameters  # noqa: E402
 
@@ -106,8 +106,11 @@ def make_methods(
         loss.backward()
 
     methods: dict[str, Callable[[], None]] = {}
+    # Plain JiT: the reference's objective, so that the timings compare the same computation.
     for chunk in chunks:
-        config = JiTConfig(sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", perturbation_chunk=chunk)
+        config = JiTConfig(
+            sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", perturbation_chunk=chunk, **PLAIN_JIT
+        )
         label = "library" if chunk == DEFAULT_PERTURBATION_CHUNK else f"library[chunk={chunk}]"
 
         def library(config: JiTConfig = config) -> None:
@@ -115,7 +118,7 @@ def make_methods(
 
         methods[label] = library
     if compiled is not None:
-        config = JiTConfig(sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch")
+        config = JiTConfig(sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", **PLAIN_JIT)
         methods["library+compile"] = lambda: jit_step(
             compiled, x, config, optimizer, backward, params, norm_module=model, forward_context=autocast
         )

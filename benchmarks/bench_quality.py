@@ -80,15 +80,19 @@ class Scenario:
     forget_train: Tensor  # bool mask over the training set
     forget_test: Tensor | None  # bool mask over the test set (the forgotten class / digit), None for random
     coarse: bool
+    #: Sub-class: the test samples of the other fine digits under the forgotten digit's coarse label (digit 2 for 3).
+    sibling_test: Tensor | None = None
 
 
 @dataclass
 class Row:
     forget_acc: float
+    forget_test_acc: float  # the forgotten class's (sub-class: digit's) test accuracy; NaN for random forgetting
     retained_acc: float
     mia: float
     pvalue: float
     time_fraction: float
+    sibling_acc: float = float("nan")
 
 
 def _quiet() -> None:
@@ -117,10 +121,16 @@ def _measure(model: nn.Module, data, sc: Scenario, seconds: float, retrain_secon
     pvalue = entropy_tests(forget_h.numpy(), retrained_h.numpy())["ks_pvalue"] if retrained_h is not None else 1.0
     return Row(
         forget_acc=accuracy(model, x_tr[f], y_tr[f]),
+        forget_test_acc=accuracy(model, x_te[sc.forget_test], y_te[sc.forget_test])
+        if sc.forget_test is not None
+        else float("nan"),
         retained_acc=accuracy(model, x_te[retained], y_te[retained]),
         mia=mia,
         pvalue=pvalue,
         time_fraction=seconds / retrain_seconds,
+        sibling_acc=accuracy(model, x_te[sc.sibling_test], y_te[sc.sibling_test])
+        if sc.sibling_test is not None
+        else float("nan"),
     )
 
 
@@ -152,7 +162,10 @@ def _scenarios(split, fine_train: Tensor, fine_test: Tensor, classes: list[int],
     ]
     if quick:
         return out
-    out.append(Scenario("sub-class 3", "sub-class", class_mask(fine_train, [3]), class_mask(fine_test, [3]), True))
+    sibling = class_mask(fine_test, [2])  # digit 2 shares coarse label 1 (= 3 // 2) with the forgotten digit 3
+    out.append(
+        Scenario("sub-class 3", "sub-class", class_mask(fine_train, [3]), class_mask(fine_test, [3]), True, sibling)
+    )
     out.append(Scenario("random 5%", "random", random_forget_mask(len(split.y_train), 0.05, seed=0), None, False))
     return out
 
@@ -247,6 +260,7 @@ def _apply(method: str, model: nn.Module, xf: Tensor, yf: Tensor, batch: int, se
 METHODS = ("original", "retrained", "reference", "library defaults", "library improved")
 COLUMNS = (
     ("forget_acc", "forget acc %"),
+    ("forget_test_acc", "forgotten test acc %"),
     ("retained_acc", "retained test acc %"),
     ("mia", "MIA %"),
     ("pvalue", "entropy-match p"),
@@ -271,12 +285,29 @@ def to_markdown(results, tuned) -> str:
                 for attr, _ in COLUMNS:
                     v = np.array([getattr(r, attr) for r in rows])
                     fmt = "{:.3f} ± {:.3f}" if attr in ("pvalue", "time_fraction") else "{:.1f} ± {:.1f}"
-                    cells.append(fmt.format(v.mean(), v.std()))
+                    cells.append("–" if np.isnan(v).all() else fmt.format(v.mean(), v.std()))
                 name = method
                 if (model_name, sc, method) in tuned:
                     s, e = tuned[(model_name, sc, method)]
                     name += f" (σ={s:g}, η={e:g})"
                 lines.append(f"| {sc} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sub = [k for k in results if k[1].startswith("sub-class")]
+    if sub:
+        lines += [
+            "### Sub-class: where the retained accuracy goes",
+            "",
+            "Test accuracy on digit 2, which shares the forgotten digit 3's coarse label (mean ± std over seeds):",
+            "",
+            "| model | " + " | ".join(METHODS) + " |",
+            "|---|" + "---:|" * len(METHODS),
+        ]
+        for model_name in models:
+            cells = []
+            for method in METHODS:
+                v = np.array([r.sibling_acc for r in results.get((model_name, "sub-class 3", method), [])])
+                cells.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "–")
+            lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

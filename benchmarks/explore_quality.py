@@ -62,6 +62,7 @@ from lightning_jit.data import (  # noqa: E402
     train_classifier,
 )
 from lightning_jit.objective import jit_objective  # noqa: E402
+from lightning_jit.probes import synthesize_class_probes  # noqa: E402
 from lightning_jit.step import ForgetAccuracyWindow  # noqa: E402
 
 TRAIN_EPOCHS = 15
@@ -90,6 +91,9 @@ BASE: dict[str, Any] = {
     "lognorm_kind": "norm",  # "norm": one-sided ratio of norms; "norm2": two-sided; "max": growth of the max logit
     "lognorm_copies": 1,  # noisy copies of each forget input in the penalty
     "kd_noise": 0.0,  # lam * KL(f0(u) || f(u)) on u ~ N(0, 1) inputs (data-free anchor)
+    "probe_kd": 0.0,  # lam * KL(f0(p) || f(p)) on class probes p synthesised from the original model
+    "probe_classes": "others",  # "others": classes absent from the forget labels; "all": every class
+    "probe_per_class": 16,
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -130,6 +134,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lognorm10_anchor0.1": {"lognorm": 10.0, "anchor": 0.1},
     "lognorm10_anti8": {"lognorm": 10.0, "noise": "anti", "n": 8},
     "kdnoise1": {"kd_noise": 1.0},
+    "lognorm10_s1_pk0.3": {"lognorm": 10.0, "lognorm_sigma": 1.0, "probe_kd": 0.3},
+    "lognorm10_s1_pk1": {"lognorm": 10.0, "lognorm_sigma": 1.0, "probe_kd": 1.0},
+    "lognorm10_s1_pk3": {"lognorm": 10.0, "lognorm_sigma": 1.0, "probe_kd": 3.0},
+    "lognorm10_s1_pkall1": {"lognorm": 10.0, "lognorm_sigma": 1.0, "probe_kd": 1.0, "probe_classes": "all"},
+    "lognorm10_pk1": {"lognorm": 10.0, "probe_kd": 1.0},
+    "lognorm10_pk3": {"lognorm": 10.0, "probe_kd": 3.0},
+    "lognorm10_pkall1": {"lognorm": 10.0, "probe_kd": 1.0, "probe_classes": "all"},
+    "lognorm10_pkall3": {"lognorm": 10.0, "probe_kd": 3.0, "probe_classes": "all"},
+    "pk1": {"probe_kd": 1.0},
     "raw": {"normalize_logits": False},
     "momentum0.9": {"momentum": 0.9, "lr": 0.003},
 }
@@ -320,6 +333,19 @@ def unlearn(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     window = ForgetAccuracyWindow()
     with torch.no_grad():
         orig_norm_rt = float(frozen(xrt).norm(dim=1).mean())
+    probes = probe_target = None
+    if v["probe_kd"]:
+        n_classes = int(frozen(xf[:1]).shape[1])
+        forgotten = set(yf.tolist())
+        classes = [c for c in range(n_classes) if v["probe_classes"] == "all" or c not in forgotten]
+        probes, _ = synthesize_class_probes(frozen, classes, like=xf, per_class=v["probe_per_class"], seed=seed)
+        with torch.no_grad():
+            probe_target = frozen(probes).log_softmax(1)
+    # Sub-class: the test digits that share the forgotten digit's coarse label (digit 2 for digit 3).
+    sibling = None
+    if kind == "sub":
+        fine = load_digits_split()
+        sibling = (fine.y_test // 2 == SCENARIOS[sc][2] // 2) & (fine.y_test != SCENARIOS[sc][2])
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
@@ -336,6 +362,7 @@ def unlearn(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
                 "retained_test_acc": 100.0 * float((pred_rt == yrt).float().mean()),
                 "top_class_share": share,
                 "logit_norm_ratio": float(lr_.norm(dim=1).mean()) / orig_norm_rt,
+                "sibling_test_acc": _acc(model, sp.x_test[sibling], sp.y_test[sibling]) if sibling is not None else 0,
             }
 
     curve = [{"step": 0, "epoch": 0, "window_acc": 100.0, "lr": v["lr"], **evaluate()}]
@@ -381,7 +408,7 @@ def unlearn(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
 
                 applied = False
                 loss_value = float("nan")
-                if n_active > 0 or v["anchor"] or v["lognorm"] or v["kd_noise"]:
+                if n_active > 0 or v["anchor"] or v["lognorm"] or v["kd_noise"] or v["probe_kd"]:
                     loss = objective(clean[active]) if n_active > 0 else clean.sum() * 0.0
                     loss_value = float(loss)
                     if v["anchor"]:
@@ -414,6 +441,10 @@ def unlearn(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
                             target = frozen(u).log_softmax(1)
                         kl = F.kl_div(model(u).log_softmax(1), target, log_target=True, reduction="batchmean")
                         loss = loss + v["kd_noise"] * kl
+                    if probes is not None:
+                        log_p = model(probes).log_softmax(1)
+                        kl = F.kl_div(log_p, probe_target, log_target=True, reduction="batchmean")
+                        loss = loss + v["probe_kd"] * kl
                     loss.backward()
                     before = [p.detach().clone() for p in params] if v["backtrack"] else None
                     opt.step()
@@ -486,7 +517,15 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     """Oracle frontier and stopping-rule figures of one trajectory."""
     curve, kind = res["curve"], SCENARIOS[res["scenario"]][1]
     out: dict[str, Any] = {}
-    pick = ("forget_set_acc", "forget_test_acc", "retained_test_acc", "step", "epoch", "top_class_share")
+    pick = (
+        "forget_set_acc",
+        "forget_test_acc",
+        "retained_test_acc",
+        "step",
+        "epoch",
+        "top_class_share",
+        "sibling_test_acc",
+    )
     if kind == "random":
         per_epoch = [r for r in curve if r["step"] > 0 and abs(r["epoch"] - round(r["epoch"])) < 1e-9]
         out["epoch1"] = {k: per_epoch[0][k] for k in pick} if per_epoch else None

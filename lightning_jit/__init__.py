@@ -1,7 +1,7 @@
 """lightning-jit: JiT zero-shot machine unlearning for PyTorch Lightning."""
 
 from lightning_jit.callback import JiTUnlearningCallback
-from lightning_jit.config import JiTConfig
+from lightning_jit.config import PLAIN_JIT, JiTConfig
 from lightning_jit.evaluate import UnlearningEvaluation, UnlearningReport, evaluate_unlearning
 from lightning_jit.guard import CollapseGuard, JiTDivergenceError
 from lightning_jit.io import AtomicCheckpointIO
@@ -19,6 +19,7 @@ __all__ = [
     "JiTInputError",
     "JiTUnlearning",
     "JiTUnlearningCallback",
+    "PLAIN_JIT",
     "UnlearningEvaluation",
     "TuneResult",
     "UnlearningReport",

@@ -56,10 +56,10 @@ from lightning_jit.objective import (
 from lightning_jit.scale import check_strategy, gradient_scaler
 from lightning_jit.step import (
     ForgetAccuracyWindow,
-    FrozenReference,
     batch_keys,
     batch_labels,
     batch_to_input,
+    frozen_original,
     jit_step,
     normalization_mode,
     trainable_parameters,
@@ -169,6 +169,9 @@ class JiTUnlearningCallback(Callback):
         logit_norm_penalty: As in :class:`~lightning_jit.module.JiTUnlearning`; the reference is the model as it
             is when each run of the hook starts.
         logit_norm_sigma: As in :class:`~lightning_jit.module.JiTUnlearning`.
+        probe_distillation: As in :class:`~lightning_jit.module.JiTUnlearning`; the probes are synthesised from the
+            model as it is when each run of the hook starts.
+        probes_per_class: As in :class:`~lightning_jit.module.JiTUnlearning`.
         clamp: ``None``, ``"batch"`` or ``(low, high)``.
         norm_policy: ``"eval"`` (default: BatchNorm statistics and dropout frozen) or ``"train"`` (the reference).
         perturbation_chunk: Most perturbed samples per no-grad forward pass.
@@ -216,9 +219,11 @@ class JiTUnlearningCallback(Callback):
         epochs: int = 1,
         reduction: Reduction = "mean",
         center_logits: bool = False,
-        normalize_logits: bool = False,
-        logit_norm_penalty: float = 0.0,
+        normalize_logits: bool = True,
+        logit_norm_penalty: float = 10.0,
         logit_norm_sigma: float = 1.0,
+        probe_distillation: float = 1.0,
+        probes_per_class: int = 16,
         clamp: ClampSpec = None,
         norm_policy: str = "eval",
         perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK,
@@ -262,6 +267,8 @@ class JiTUnlearningCallback(Callback):
             normalize_logits=normalize_logits,
             logit_norm_penalty=logit_norm_penalty,
             logit_norm_sigma=logit_norm_sigma,
+            probe_distillation=probe_distillation,
+            probes_per_class=probes_per_class,
             clamp=clamp,
             norm_policy=norm_policy,
             perturbation_chunk=perturbation_chunk,
@@ -516,7 +523,7 @@ class JiTUnlearningCallback(Callback):
         params = trainable_parameters(pl_module)
         before = self._forget_metrics(trainer, pl_module, forget, indices)
         snapshot = WeightSnapshot(pl_module)
-        reference = FrozenReference(pl_module) if config.logit_norm_penalty > 0 else None
+        reference, probes = frozen_original(pl_module, config)
         optimizer = SGD(params, lr=config.lr, momentum=config.momentum)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         world, rank = trainer.world_size, trainer.global_rank
@@ -556,6 +563,7 @@ class JiTUnlearningCallback(Callback):
                                 scaler=gradient_scaler(trainer),
                                 forward_context=trainer.precision_plugin.forward_context,
                                 reference=reference,
+                                probes=probes,
                                 shard=(rank, world) if distributed else None,
                                 agree=(lambda ok: strategy.reduce_boolean_decision(ok, all=True))
                                 if distributed
@@ -589,7 +597,7 @@ class JiTUnlearningCallback(Callback):
                             bar.update(1)
                         if stopped:
                             break
-                    window.saw_full_pass = True
+                    window.end_pass()
                     if stopped:
                         break
         except BaseException:

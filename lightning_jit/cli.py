@@ -70,6 +70,10 @@ class JiTArgs:
         logit_norm_penalty: Weight of the penalty on logits growing beyond the original model's (0: off; 10: the
             measured setting).
         logit_norm_sigma: Std of the penalty's noisy copies of the forget inputs.
+        probe_distillation: Weight of the KL term that holds the predictions on class probes, synthesised from the
+            original model, at the original's, for the classes absent from the forget set (0: off; 1: the measured
+            setting).
+        probes_per_class: Probes per class for probe_distillation.
         clamp: null, "batch" (clamp perturbed inputs to the batch min/max, as the reference) or [low, high].
         norm_policy: "eval" keeps BatchNorm statistics and dropout frozen during JiT; "train" reproduces the reference.
         perturbation_chunk: Most perturbed samples per no-grad forward pass (bounds peak memory); "auto": 256 on a
@@ -97,9 +101,11 @@ class JiTArgs:
     epochs: int = 1
     reduction: Literal["mean", "sum"] = "mean"
     center_logits: bool = False
-    normalize_logits: bool = False
-    logit_norm_penalty: float = 0.0
+    normalize_logits: bool = True
+    logit_norm_penalty: float = 10.0
     logit_norm_sigma: float = 1.0
+    probe_distillation: float = 1.0
+    probes_per_class: int = 16
     clamp: ClampSpec = None
     norm_policy: Literal["eval", "train"] = "eval"
     perturbation_chunk: PerturbationChunk = DEFAULT_PERTURBATION_CHUNK

@@ -400,11 +400,13 @@ def logit_norm_penalty(
 
     .. code-block:: text
 
-        g(v)      = relu(||f(v)|| / ||f0(v)|| - 1) ** 2
+        g(v)      = relu(||f(v)|| / max(||f0(v)||, 1) - 1) ** 2
         penalty_b = (g(x_b) + g(x_b + sigma * noise_b)) / 2
         penalty   = mean over samples (reduction="mean") or sum (reduction="sum")
 
-    Logits that shrink, or keep their norm while changing direction (which forgetting needs), cost nothing. It uses
+    Logits that shrink, or keep their norm while changing direction (which forgetting needs), cost nothing. Original
+    logits of norm below 1 (nearly uniform predictions, e.g. an untrained model's) count as norm 1, so that growth out
+    of them is not blown up into a diverging step. It uses
     no retained data: only the forget inputs and the original model. Gradients flow through ``model``'s passes.
 
     Args:
@@ -423,13 +425,16 @@ def logit_norm_penalty(
 
     Example:
         >>> net = torch.nn.Linear(4, 3)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.eye(3, 4)), net.bias.fill_(3.0)  # logits of norm > 1 near x = 0
         >>> frozen = torch.nn.Linear(4, 3)
         >>> _ = frozen.load_state_dict(net.state_dict())
-        >>> logit_norm_penalty(net, frozen, torch.randn(8, 4), sigma=0.5).item()  # same weights: no growth
+        >>> x = 0.1 * torch.randn(8, 4)
+        >>> logit_norm_penalty(net, frozen, x, sigma=0.1).item()  # same weights: no growth
         0.0
         >>> with torch.no_grad():
         ...     _ = net.weight.mul_(2.0), net.bias.mul_(2.0)  # doubled logits: growth 1 everywhere
-        >>> round(logit_norm_penalty(net, frozen, torch.randn(8, 4), sigma=0.5).item(), 5)
+        >>> round(logit_norm_penalty(net, frozen, x, sigma=0.1).item(), 5)
         1.0
     """
     if reduction not in ("mean", "sum"):
@@ -443,6 +448,6 @@ def logit_norm_penalty(
     out = torch.cat([_check_logits(clean_logits, batch_size), _check_logits(noisy_logits, batch_size)]).float()
     with torch.no_grad():
         ref = _check_logits(select_output(reference(torch.cat([x, noisy])), output_selector), 2 * batch_size).float()
-    growth = out.norm(dim=1) / ref.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny) - 1.0
+    growth = out.norm(dim=1) / ref.norm(dim=1).clamp_min(1.0) - 1.0
     per_sample = growth.clamp_min(0.0).pow(2).view(2, batch_size).mean(dim=0)
     return per_sample.mean() if reduction == "mean" else per_sample.sum()

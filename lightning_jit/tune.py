@@ -424,6 +424,9 @@ class _BudgetSpent(Exception):
 
 #: Seed offset between a finalist's repeat runs (larger than any trial's own seed offsets).
 _REPEAT_SEED_STRIDE = 7919
+#: Seed offset of the judge's probes, so that they are never the probes a run holds in place with probe distillation
+#: (a run seeds its probes with its own seed: the tune seed plus the trial and repeat offsets above).
+_JUDGE_PROBE_SEED_OFFSET = 104_729
 
 
 class _Search:
@@ -491,7 +494,12 @@ class _Judge:
                 )
             like = batch_to_input(next(iter(forget)), JiTConfig(sigma=1.0, lr=1.0, **_config_keys(base)))
             self.probes = synthesize_class_probes(
-                model, kept, like, per_class=probes_per_class, seed=seed, output_selector=self.selector
+                model,
+                kept,
+                like,
+                per_class=probes_per_class,
+                seed=seed + _JUDGE_PROBE_SEED_OFFSET,
+                output_selector=self.selector,
             )
             self.reference = probe_confidence(model, self.probes, self.selector)
 

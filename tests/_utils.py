@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
+from torch import nn
+
+
+def sgd_by_hand(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
+    """One plain SGD step on ``loss``, written out: the independent computation the wrapper's steps are checked
+    against."""
+    model.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def assert_same_weights(got: nn.Module, want: nn.Module, atol: float = 1e-6) -> None:
+    for (name, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=atol), name
 
 
 def quiet_trainer(**kwargs):

@@ -158,6 +158,8 @@ def test_signal_during_unlearning_leaves_input_untouched_and_no_partial_output(t
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
+        # A shell starts background jobs with SIGINT ignored, and the child would inherit that: give it the default.
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stdout:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import quiet_trainer
+from _utils import assert_same_weights, quiet_trainer, sgd_by_hand
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTUnlearning
+from lightning_jit import PLAIN_JIT, JiTUnlearning
 from lightning_jit.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.guard import WeightSnapshot
 from lightning_jit.objective import JiTInputError, NoiseStream
@@ -29,8 +29,8 @@ def test_one_step_equals_manual_sgd_on_the_objective(trained_cnn, digits):
     sigma, lr, n = 0.2, 0.05, 4
 
     # guard=False: this checks the update's math; at this lr the collapse guard would (rightly) undo the step.
-    wrapper = JiTUnlearning(
-        trained_cnn, sigma=sigma, lr=lr, n_perturbations=n, perturbation_chunk=None, seed=11, guard=False
+    wrapper = JiTUnlearning(  # plain JiT: the objective alone (the defaults add terms tested in test_probes)
+        trained_cnn, sigma=sigma, lr=lr, n_perturbations=n, perturbation_chunk=None, seed=11, guard=False, **PLAIN_JIT
     )
     quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x), batch_size=8))
 
@@ -59,7 +59,7 @@ def test_gradients_are_zeroed_every_step(trained_cnn, digits):
     a, b = DigitsCNN(), DigitsCNN()
     a.load_state_dict(trained_cnn.state_dict())
     b.load_state_dict(trained_cnn.state_dict())
-    wrapper = JiTUnlearning(a, sigma=0.2, lr=0.05, n_perturbations=3, seed=3, guard=False)  # the math, unguarded
+    wrapper = JiTUnlearning(a, sigma=0.2, lr=0.05, n_perturbations=3, seed=3, guard=False, **PLAIN_JIT)  # the math
     quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x), 8))
     # Same two steps with a hand loop that zeroes gradients, drawing from the same seeded generator.
     from lightning_jit.objective import jit_objective
@@ -193,7 +193,7 @@ def test_objective_is_logged(trained_cnn, digits):
 
 def test_stopping_rule_stops_once_forget_set_is_forgotten(trained_cnn, digits):
     loader = _forget_loader(digits)
-    wrapper = JiTUnlearning(trained_cnn, sigma=0.1, lr=0.003, epochs=40, target_forget_accuracy=10.0)
+    wrapper = JiTUnlearning(trained_cnn, sigma=0.1, lr=0.03, epochs=40, target_forget_accuracy=10.0)
     trainer = quiet_trainer(max_epochs=40)
     trainer.fit(wrapper, loader)
     assert wrapper.stopped_early
@@ -207,6 +207,22 @@ def test_forget_accuracy_window_keeps_recent_samples():
         w.update(correct, 32)
     assert w.totals() == (16, 64)
     assert w.ready()
+
+
+def test_forget_accuracy_window_spans_the_last_pass_once_one_ended():
+    """Passes of 5 batches of 32 (160 samples): after the first pass the rule judges the whole last pass, not the
+    latest 64 samples; so two forgotten batches no longer outvote three remembered ones."""
+    w = ForgetAccuracyWindow(min_samples=64)
+    for _ in range(5):
+        w.update(32, 32)
+    w.end_pass()
+    for correct in (32, 32, 32, 0, 0):
+        w.update(correct, 32)
+    assert w.totals() == (96, 160) and w.accuracy() == 60.0
+    w.end_pass()
+    for correct in (0, 0):
+        w.update(correct, 32)
+    assert w.totals() == (32, 160)  # the pass size stays the first pass's
 
 
 def test_end_to_end_digits_demo_thresholds():
@@ -299,10 +315,12 @@ def test_batch_without_findable_input_is_refused(trained_cnn, digits):
 def test_forgetting_lowers_forget_accuracy_only(trained_cnn, digits):
     mask = class_mask(digits.y_test, [3])
     before = accuracy(trained_cnn, digits.x_test[mask], digits.y_test[mask])
-    wrapper = JiTUnlearning(trained_cnn, sigma=0.1, lr=0.003, epochs=40, target_forget_accuracy=10.0)
+    kept_before = accuracy(trained_cnn, digits.x_test[~mask], digits.y_test[~mask])
+    wrapper = JiTUnlearning(trained_cnn, sigma=0.1, lr=0.03, epochs=40, target_forget_accuracy=10.0)
     quiet_trainer(max_epochs=40).fit(wrapper, _forget_loader(digits))
     after = accuracy(trained_cnn, digits.x_test[mask], digits.y_test[mask])
     assert before > 90 and after < 30
+    assert accuracy(trained_cnn, digits.x_test[~mask], digits.y_test[~mask]) > kept_before - 10
 
 
 def test_labels_that_do_not_match_the_inputs_are_refused(trained_cnn, digits):
@@ -327,14 +345,14 @@ def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, di
     start = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
     settings = dict(sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5, guard=False)
 
-    def run(penalty):
+    def run(**penalty):
         model = DigitsCNN()
         model.load_state_dict(start)
-        wrapper = JiTUnlearning(model, logit_norm_penalty=penalty, logit_norm_sigma=0.5, **settings)
+        wrapper = JiTUnlearning(model, logit_norm_sigma=0.5, probe_distillation=0.0, **penalty, **settings)
         quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x, y), batch_size=8))
         return model
 
-    unlearned = run(10.0)
+    unlearned = run()  # the default weight, 10
     model, frozen = DigitsCNN(), DigitsCNN()
     model.load_state_dict(start)
     frozen.load_state_dict(start)
@@ -345,13 +363,8 @@ def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, di
         clean = model(xb)
         loss = jit_objective(model, xb, 0.2, 4, generator=generator, clean_logits=clean, normalize_logits=True)
         loss = loss + 10.0 * logit_norm_penalty(model, frozen, xb, 0.5, clean_logits=clean, generator=generator)
-        model.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= 0.5 * p.grad
-    for (name, got), want in zip(unlearned.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.allclose(got, want, atol=1e-6), name
-    plain = run(0.0)
+        sgd_by_hand(model, loss, 0.5)
+    assert_same_weights(unlearned, model)
+    plain = run(logit_norm_penalty=0.0)
     pairs = zip(plain.state_dict().values(), unlearned.state_dict().values(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)

@@ -262,14 +262,17 @@ def test_logit_norm_penalty_matches_a_per_sample_loop():
     with torch.no_grad():
         for p in model.parameters():  # some rows grow, some shrink: both sides of the relu are exercised
             p.add_(0.3 * torch.randn_like(p))
-    x = torch.randn(6, 3, 4)
+    # Inputs from tiny to large, so that the original logits' norms fall on both sides of 1 (the floor).
+    x = torch.randn(6, 3, 4) * torch.tensor([0.02, 0.1, 1.0, 3.0, 10.0, 30.0]).view(6, 1, 1)
+    norms = frozen(x).norm(dim=1)
+    assert (norms < 1).any() and (norms > 1).any()
     got = logit_norm_penalty(model, frozen, x, 0.5, generator=torch.Generator().manual_seed(4))
     noise = NoiseStream(x, 0.5, generator=torch.Generator().manual_seed(4)).next()
     per_sample = []
     for b in range(6):
         terms = []
         for v in (x[b : b + 1], x[b : b + 1] + noise[b : b + 1]):
-            growth = float(model(v).norm() / frozen(v).norm()) - 1.0
+            growth = float(model(v).norm() / max(float(frozen(v).norm()), 1.0)) - 1.0  # norms below 1 count as 1
             terms.append(max(growth, 0.0) ** 2)
         per_sample.append(sum(terms) / 2)
     assert float(got) == pytest.approx(sum(per_sample) / 6, rel=1e-5)
