@@ -204,7 +204,8 @@ class ProbeDistillation:
                 num_classes = gather(num_classes).reshape(-1).max()
             self.forgotten = torch.zeros(int(num_classes.max()), dtype=torch.bool, device=x.device)
         seen = torch.zeros_like(self.forgotten)
-        seen[classes.to(seen.device).long()] = True
+        classes = classes.to(seen.device).long()
+        seen[classes[(classes >= 0) & (classes < seen.shape[0])]] = True  # e.g. an ignore index is no class
         if gather is not None:
             seen = gather(seen.to(torch.int32)).reshape(-1, seen.shape[0]).bool().any(0)
         self.forgotten |= seen

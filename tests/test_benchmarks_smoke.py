@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_objective
+from benchmarks import bench_defaults, bench_objective
 from benchmarks.reference_port import reference_step
 from lightning_jit.objective import jit_objective
 
@@ -28,6 +28,12 @@ def test_bench_objective_tiny_run_reports_every_method(tmp_path):
     assert len(json.loads(out.read_text())) == len(rows)
     (ratios,) = bench_objective.ratios(rows).values()
     assert set(ratios) == {"library/reference", "library/floor"}
+
+
+def test_bench_defaults_tiny_run_times_both_settings():
+    result = bench_defaults.main(["--rounds", "1", "--epochs", "1"])
+    assert set(result) == {"plain JiT", "defaults", "ratio"}
+    assert result["plain JiT"] > 0 and result["ratio"] == result["defaults"] / result["plain JiT"]
 
 
 def test_benchmark_compares_the_same_objective():
