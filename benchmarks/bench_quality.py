@@ -51,7 +51,7 @@ from lightning_jit.data import (  # noqa: E402
     train_classifier,
 )
 from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS, SUBCLASS_LOGIT_NORM_SIGMA  # noqa: E402
-from lightning_jit.io import atomic_write  # noqa: E402
+from lightning_jit.io import atomic_write, save_png  # noqa: E402
 from lightning_jit.metrics import entropy_tests, fit_entropy_attack, prediction_entropy  # noqa: E402
 from lightning_jit.module import JiTUnlearning  # noqa: E402
 
@@ -313,14 +313,12 @@ def to_markdown(results, tuned) -> str:
 
 
 def plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     models = sorted({k[0] for k in results})
     scenarios = list(dict.fromkeys(k[1] for k in results))
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    fig = Figure(figsize=(7 * len(models), 5))
+    axes = fig.subplots(1, len(models), squeeze=False)
     markers = dict(zip(METHODS, "os^Dv", strict=True))
     for ax, model_name in zip(axes[0], models, strict=True):
         for method in METHODS:
@@ -339,9 +337,7 @@ def plot(results, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {

@@ -344,7 +344,7 @@ def unlearn(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     # Sub-class: the test digits that share the forgotten digit's coarse label (digit 2 for digit 3).
     sibling = None
     if kind == "sub":
-        fine = load_digits_split()
+        fine = split(coarse=False)  # the cached fine-label split (same order as the coarse one)
         sibling = (fine.y_test // 2 == SCENARIOS[sc][2] // 2) & (fine.y_test != SCENARIOS[sc][2])
 
     def evaluate() -> dict[str, float]:

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_jit.information import check_tau, layer_features, sample_information, split_by_information
-from lightning_jit.io import atomic_write, json_safe
+from lightning_jit.io import atomic_write, json_safe, save_png
 from lightning_jit.metrics import (
     SPLITS,
     EntropyMIA,
@@ -277,10 +277,7 @@ class UnlearningReport:
             ax.set_ylabel("forget accuracy (%)")
             ax.legend(loc="upper center", ncol=len(self.models), fontsize=8)
             ax.set_title("Forget set by information of the sample")
-        path = Path(path)
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-        return path
+        return save_png(fig, path)
 
     def save(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory``; return their paths."""

@@ -104,6 +104,18 @@ def atomic_append_line(path: str | os.PathLike, line: str) -> None:
         fh.write(existing + line.rstrip("\n") + "\n")
 
 
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib ``Figure`` as a PNG (110 dpi) through :func:`atomic_write`; return the path.
+
+    The library's figures are ``matplotlib.figure.Figure`` objects, not pyplot ones, so that drawing them neither
+    switches the user's matplotlib backend nor leaves figures open in pyplot's registry.
+    """
+    path = Path(path)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return path
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> None:
     """``torch.save`` through :func:`atomic_write`."""
     with atomic_write(path, "wb", overwrite=overwrite) as fh:

@@ -44,7 +44,7 @@ from lightning_jit.config import JiTConfig
 from lightning_jit.data import quiet_trainer
 from lightning_jit.evaluate import predict_split
 from lightning_jit.guard import JiTDivergenceError
-from lightning_jit.io import atomic_write, json_safe
+from lightning_jit.io import atomic_write, json_safe, save_png
 from lightning_jit.metrics import prediction_entropy
 from lightning_jit.module import JiTUnlearning
 from lightning_jit.probes import probe_confidence, synthesize_class_probes
@@ -187,12 +187,10 @@ class TuneResult:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Forgetting against what is kept, for every trial and rung; the chosen trial is starred."""
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig = Figure(figsize=(7, 5))
+        ax = fig.subplots()
         for t in self.trials:
             xs = [h["forget_acc"] for h in t.history]
             ys = [h["retain"] for h in t.history]
@@ -213,10 +211,7 @@ class TuneResult:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-        plt.close(fig)
-        return Path(path)
+        return save_png(fig, path)
 
     def save(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Write ``tuned.yaml``, ``trials.md``, ``trials.json`` and ``tune.png`` to ``directory``."""
