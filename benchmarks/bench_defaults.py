@@ -6,7 +6,7 @@ run. This times whole ``trainer.fit`` runs of a fixed number of epochs (no stopp
 forgetting digit 3 in batches of 32, alternating the two settings, and prints the median wall time per step of each
 and their ratio.
 
-Run: ``python benchmarks/bench_defaults.py [--rounds 5] [--epochs 5]``.
+Run: ``python -m benchmarks.bench_defaults [--rounds 5] [--epochs 5]``.
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-if __package__ in (None, ""):  # run as a script: make `lightning_jit` importable from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lightning_jit import JiTSettings, JiTUnlearning
+from lightning_jit.demo.data import DigitsCNN, class_mask, load_digits_split, train_classifier
+from lightning_jit.lightning.trainer import quiet_trainer
 
-from lightning_jit import PLAIN_JIT, JiTUnlearning  # noqa: E402
-from lightning_jit.data import DigitsCNN, class_mask, load_digits_split, quiet_trainer, train_classifier  # noqa: E402
-
-SETTINGS = {"plain JiT": PLAIN_JIT, "defaults": {}}
+SETTINGS = {"plain JiT": JiTSettings.plain, "defaults": JiTSettings}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -46,10 +42,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loader = DataLoader(TensorDataset(split.x_train[forget], split.y_train[forget]), batch_size=32)
     seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
-        for name, extra in SETTINGS.items():
+        for name, preset in SETTINGS.items():
             model = DigitsCNN()
             model.load_state_dict(original.state_dict())
-            wrapper = JiTUnlearning(model, sigma=0.1, lr=1e-4, epochs=args.epochs, guard=False, **extra)
+            wrapper = JiTUnlearning(model, preset(sigma=0.1, lr=1e-4, epochs=args.epochs), guard=False)
             start = time.perf_counter()
             quiet_trainer(max_epochs=args.epochs).fit(wrapper, loader)
             seconds[name].append(time.perf_counter() - start)

@@ -2,8 +2,8 @@
 
 For each model and batch size it times, interleaved in one process:
 
-* ``library``: :func:`lightning_jit.step.jit_step` on one forget batch: the clean forward, the ``N`` perturbed copies
-  in chunked no-grad passes, backward and the SGD step (``perturbation_chunk`` = ``DEFAULT_PERTURBATION_CHUNK``
+* ``library``: :meth:`lightning_jit.JiTRun.step` (plain JiT, the guard off) on one forget batch: the clean forward,
+  the ``N`` perturbed copies in chunked no-grad passes, backward and the SGD step (``perturbation_chunk="auto"``
   unless ``--chunks`` adds other sizes);
 * ``reference``: the faithful port of the authors' loop (:mod:`benchmarks.reference_port`): ``N`` separate forward
   passes, noise drawn on the CPU and clamped per copy, then backward and the SGD step;
@@ -15,8 +15,8 @@ reference`` and ``library / floor``. All models run in eval mode (BatchNorm cann
 
 Example::
 
-    python benchmarks/bench_objective.py --models digits resnet18 --batches 1 128 --n 25 --repeats 7
-    python benchmarks/bench_objective.py --models digits --batches 2 --n 3 --repeats 1   # a smoke run
+    python -m benchmarks.bench_objective --models digits resnet18 --batches 1 128 --n 25 --repeats 7
+    python -m benchmarks.bench_objective --models digits --batches 2 --n 3 --repeats 1   # a smoke run
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,13 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.reference_port import reference_step  # noqa: E402
-from lightning_jit.config import PLAIN_JIT, JiTConfig  # noqa: E402
-from lightning_jit.objective import DEFAULT_PERTURBATION_CHUNK  # noqa: E402
-from lightning_jit.step import jit_step, trainable_parameters  # noqa: E402
+from benchmarks.reference_port import reference_step
+from lightning_jit import CollapseGuard, JiTRun, JiTSettings
 
 #: (channels, height, width) of each benchmark model's input.
 INPUT_SHAPES = {"digits": (1, 8, 8), "resnet18": (3, 32, 32), "vit_b_16": (3, 224, 224)}
@@ -50,7 +44,7 @@ INPUT_SHAPES = {"digits": (1, 8, 8), "resnet18": (3, 32, 32), "vit_b_16": (3, 22
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
     """A benchmark model with random weights: ``digits`` (the library's DigitsCNN) or a torchvision model."""
     if name == "digits":
-        from lightning_jit.data import DigitsCNN
+        from lightning_jit.demo.data import DigitsCNN
 
         return DigitsCNN(num_classes=num_classes)
     import torchvision
@@ -98,29 +92,32 @@ def make_methods(
 ) -> dict[str, Callable[[], None]]:
     """The timed closures; each runs one full training step on ``x`` (weights change a little each call)."""
     device = x.device
-    params = trainable_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6)
     autocast = _autocast(device, precision)
+    off = CollapseGuard(enabled=False)
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
 
     methods: dict[str, Callable[[], None]] = {}
+
     # Plain JiT: the reference's objective, so that the timings compare the same computation.
+    def plain_run(chunk: int | str | None) -> JiTRun:
+        settings = JiTSettings.plain(sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", perturbation_chunk=chunk)
+        run = JiTRun(model, settings, guard=off)
+        run.start()
+        return run
+
+    def timed(run: JiTRun) -> Callable[[], None]:
+        return lambda: run.step(x, optimizer=optimizer, backward=backward, epoch=0, forward_context=autocast)
+
     for chunk in chunks:
-        config = JiTConfig(
-            sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", perturbation_chunk=chunk, **PLAIN_JIT
-        )
-        label = "library" if chunk == DEFAULT_PERTURBATION_CHUNK else f"library[chunk={chunk}]"
-
-        def library(config: JiTConfig = config) -> None:
-            jit_step(model, x, config, optimizer, backward, params, norm_module=model, forward_context=autocast)
-
-        methods[label] = library
+        methods["library" if chunk == "auto" else f"library[chunk={chunk}]"] = timed(plain_run(chunk))
     if compiled is not None:
-        config = JiTConfig(sigma=sigma, lr=1e-6, n_perturbations=n, clamp="batch", **PLAIN_JIT)
-        methods["library+compile"] = lambda: jit_step(
-            compiled, x, config, optimizer, backward, params, norm_module=model, forward_context=autocast
+        compiled_run = plain_run("auto")
+        methods["library+compile"] = lambda: compiled_run.step(
+            x, optimizer=optimizer, backward=backward, epoch=0, forward=compiled, forward_context=autocast
         )
 
     def reference() -> None:
@@ -179,8 +176,8 @@ def bench(
 ) -> list[Row]:
     """Time every method on every (model, batch, precision); returns one row per method with the median time."""
     dev = torch.device(device)
-    extra = [c for c in (chunks or []) if c != DEFAULT_PERTURBATION_CHUNK]
-    chunk_list: list[int | None] = [DEFAULT_PERTURBATION_CHUNK, *extra]
+    extra = [c for c in (chunks or []) if c != "auto"]
+    chunk_list: list[int | str | None] = ["auto", *extra]
     rows: list[Row] = []
     for name in models:
         torch.manual_seed(seed)

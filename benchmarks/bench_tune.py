@@ -3,61 +3,48 @@ works on classes it never saw.
 
 For each model (the small CNN and the CNN with BatchNorm) and seed, it trains the original model, runs ``tune_jit``
 (zero-shot: the model and the forget set alone) on one class, then unlearns each held-out class with the chosen
-settings and compares with a model retrained without that class. Search variants, all from the same 16 Sobol points:
+settings and compares with a model retrained without that class. Variants, from the same 16 Sobol points:
 
 * ``halving``: the default (successive halving, then two finalists confirmed by a repeat run);
-* ``halving, no repeats``: the same without the confirmation runs;
-* ``random``: every point run for the full ``max_epochs`` (plain random search), with the same confirmation.
+* ``halving, no repeats``: the same without the confirmation runs (``finalists=0``).
 
-The demo's fixed settings are the baseline row. The cost is the tuning's wall time divided by the mean wall time of
-one unlearning run with the chosen settings (measured in the same process, on the held-out classes). Writes
-``tune_bench.md`` (and ``tune_bench.json``) to ``--out``.
+The library's defaults (no setting given: everything calibrated) are the baseline row. The cost is the tuning's wall
+time divided by the mean wall time of one unlearning run with the chosen settings (measured in the same process, on the
+held-out classes). Writes ``tune_bench.md`` (and ``tune_bench.json``) to ``--out``. Measured results:
+``docs/results/tune.md``.
 
-Run: ``python benchmarks/bench_tune.py [--out benchmarks/out] [--seeds 3] [--workers 1] [--quick]``.
+Run: ``python -m benchmarks.bench_tune [--out benchmarks/out] [--seeds 3] [--workers 1] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import dataclasses
 import json
 import logging
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-from benchmarks._overrides import add_set_argument, parse_overrides  # noqa: E402
-from lightning_jit.data import (  # noqa: E402
-    DigitsCNN,
-    accuracy,
-    class_mask,
-    load_digits_split,
-    quiet_trainer,
-    train_classifier,
-)
-from lightning_jit.demo import DEMO_BATCH_SIZE, DEMO_JIT_SETTINGS  # noqa: E402
-from lightning_jit.io import atomic_write  # noqa: E402
-from lightning_jit.module import JiTUnlearning  # noqa: E402
-from lightning_jit.tune import tune_jit  # noqa: E402
+from benchmarks._overrides import add_set_argument, parse_overrides
+from lightning_jit import JiTSettings, JiTUnlearning, tune_jit
+from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier
+from lightning_jit.io import atomic_write
+from lightning_jit.lightning.data import forget_loader
+from lightning_jit.lightning.trainer import quiet_trainer
 
 TUNE_CLASS = 1
 HELD_OUT = (0, 3, 4, 8)
-VARIANTS = {
-    "halving": {"search": "halving"},
-    "halving, no repeats": {"search": "halving", "finalists": 0},
-    "random": {"search": "random"},
-    "optuna": {"search": "optuna"},  # TPE + SuccessiveHalvingPruner, same rungs and confirmation
+VARIANTS: dict[str, dict[str, Any]] = {
+    "halving": {},
+    "halving, no repeats": {"finalists": 0},
 }
 MODELS = {"CNN": False, "CNN+BatchNorm": True}
 
@@ -69,13 +56,18 @@ def _quiet() -> None:
 
 
 def _loader(x, y) -> DataLoader:
-    return DataLoader(TensorDataset(x, y), batch_size=DEMO_BATCH_SIZE)
+    return forget_loader(TensorDataset(x, y))
 
 
-def _unlearn(original, split, cls: int, settings: dict) -> dict[str, float]:
+def _defaults(seed: int) -> dict[str, Any]:
+    """The library's defaults (everything calibrated) with this seed, as keyword arguments."""
+    return {**dataclasses.asdict(JiTSettings()), "seed": seed}
+
+
+def _unlearn(original, split, cls: int, settings: dict[str, Any]) -> dict[str, float]:
     model = copy.deepcopy(original)
     f = class_mask(split.y_train, [cls])
-    trainer = quiet_trainer(max_epochs=settings["epochs"])
+    trainer = quiet_trainer(max_epochs=settings["epochs"] or -1)
     start = time.perf_counter()
     trainer.fit(JiTUnlearning(model, **settings), _loader(split.x_train[f], split.y_train[f]))
     seconds = time.perf_counter() - start
@@ -109,7 +101,7 @@ def run_job(job: tuple[str, int, bool, int, list[int], int, int, dict, list[str]
         )
         ft = class_mask(split.y_test, [cls])
         out["retrained"][cls] = accuracy(gold, split.x_test[~ft], split.y_test[~ft])
-    settings_by_variant = {"demo settings (not tuned)": (dict(DEMO_JIT_SETTINGS, seed=seed), 0.0, None)}
+    settings_by_variant = {"library defaults (not tuned)": (_defaults(seed), 0.0, None)}
     for name, kwargs in VARIANTS.items():
         if variants and name not in variants:
             continue
@@ -141,6 +133,10 @@ def run_job(job: tuple[str, int, bool, int, list[int], int, int, dict, list[str]
     return out
 
 
+def _value(value: float | None) -> str:
+    return "calibrated" if value is None else f"{value:.3g}"
+
+
 def to_markdown(jobs: list[dict], held_out: list[int]) -> str:
     lines = [
         f"Tuned on digit {TUNE_CLASS} (zero-shot), applied to held-out digits {', '.join(map(str, held_out))}."
@@ -165,8 +161,8 @@ def to_markdown(jobs: list[dict], held_out: list[int]) -> str:
 
             cells = [
                 name,
-                " / ".join(f"{v['sigma']:.3g}" for v in vs),
-                " / ".join(f"{v['lr']:.3g}" for v in vs),
+                " / ".join(_value(v["sigma"]) for v in vs),
+                " / ".join(_value(v["lr"]) for v in vs),
                 ms([v["tune_seconds"] for v in vs]) if vs[0]["tune_seconds"] else "-",
                 ms([v["one_run_seconds"] for v in vs], "{:.2f}"),
                 ms([v["cost"] for v in vs]) if vs[0]["tune_seconds"] else "-",
@@ -199,8 +195,9 @@ def main(argv: list[str] | None = None) -> str:
     overrides = parse_overrides(args.set)
     held_out = [0] if args.quick else list(HELD_OUT)
     variants = [v for v in args.variants.split(",") if v] if args.variants else []
-    if not variants:  # Optuna is optional: measure it when it is installed
-        variants = [v for v in VARIANTS if v != "optuna" or importlib.util.find_spec("optuna") is not None]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}.")
     models = [m for m in args.models.split(",")] if args.models else None
     models = models or (["CNN"] if args.quick else list(MODELS))
     n_configs, max_epochs = (2, 2) if args.quick else (16, 30)

@@ -36,4 +36,4 @@ fi
 if [[ " $* " != *" --cpu "* ]]; then
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 fi
-timeout "${GPU_CHECK_TIMEOUT:-290}" "$PY" benchmarks/gpu_bench.py "$@"
+timeout "${GPU_CHECK_TIMEOUT:-290}" "$PY" -m benchmarks.gpu_bench "$@"

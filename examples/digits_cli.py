@@ -1,6 +1,7 @@
 """A LightningCLI script for a digits classifier, with JiT unlearning: ``LightningCLI`` swapped for ``JiTCLI``.
 
-Train, then forget (see ``docs/cli.md`` for all three examples)::
+Train, then forget (see ``docs/cli.md`` for all three examples; ``--jit.*``, ``--batch.*``, ``--guard.*`` and
+``--forget.*`` are the arguments of ``JiTTrainer.unlearn``, ``--help`` lists them)::
 
     python examples/digits_cli.py fit --config examples/configs/train.yaml
     python examples/digits_cli.py unlearn --config examples/configs/full_class.yaml
@@ -12,7 +13,7 @@ too; a plain ``JiTCLI(DigitsCNN, DigitsDataModule)`` works as well, with flat ``
 from __future__ import annotations
 
 from lightning_jit.cli import JiTCLI
-from lightning_jit.data import DigitsCNN, DigitsDataModule
+from lightning_jit.demo.data import DigitsCNN, DigitsDataModule
 
 
 def cli_main(args: list[str] | None = None) -> JiTCLI:

@@ -1,30 +1,95 @@
-"""lightning-jit: JiT zero-shot machine unlearning for PyTorch Lightning."""
+"""lightning-jit: JiT zero-shot machine unlearning for PyTorch Lightning.
 
-from lightning_jit.callback import JiTUnlearningCallback
-from lightning_jit.config import PLAIN_JIT, JiTConfig
-from lightning_jit.evaluate import UnlearningEvaluation, UnlearningReport, evaluate_unlearning
-from lightning_jit.guard import CollapseGuard, JiTDivergenceError
-from lightning_jit.io import AtomicCheckpointIO
-from lightning_jit.module import JiTUnlearning
-from lightning_jit.objective import JiTInputError, jit_objective
-from lightning_jit.tune import TuneResult, tune_jit
+The package is layered, and imports only point down this list:
 
-__version__ = "0.1.0"
+* :mod:`lightning_jit.core`: the method in pure torch (settings, batch format, noise, objective, retain terms,
+  collapse guard, run engine, cost counters);
+* :mod:`lightning_jit.lightning`: the Lightning fronts (``JiTUnlearning``, ``JiTUnlearningCallback``), strategies,
+  checkpoints and the deletion ledger;
+* :mod:`lightning_jit.evaluation`: metrics, ``evaluate_unlearning`` and the report;
+* :mod:`lightning_jit.tune`, :mod:`lightning_jit.cli` and :mod:`lightning_jit.demo`.
+
+The names below are imported on first use, so that ``import lightning_jit.core`` does not load the upper layers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_jit._version import __version__
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "AtomicCheckpointIO": "lightning_jit.lightning.checkpoint",
+    "BatchFormat": "lightning_jit.core.batch",
+    "CollapseGuard": "lightning_jit.core.guard",
+    "JiTDivergenceError": "lightning_jit.core.errors",
+    "JiTInputError": "lightning_jit.core.errors",
+    "JiTRun": "lightning_jit.core.engine",
+    "JiTSettingError": "lightning_jit.core.errors",
+    "JiTSettings": "lightning_jit.core.settings",
+    "JiTUnlearning": "lightning_jit.lightning.module",
+    "JiTUnlearningCallback": "lightning_jit.lightning.callback",
+    "JiTUnlearningFailed": "lightning_jit.core.outcome",
+    "Outcome": "lightning_jit.core.outcome",
+    "TuneResult": "lightning_jit.tune",
+    "UnlearningEvaluation": "lightning_jit.evaluation",
+    "UnlearningReport": "lightning_jit.evaluation",
+    "Verification": "lightning_jit.core.outcome",
+    "evaluate_unlearning": "lightning_jit.evaluation",
+    "jit_objective": "lightning_jit.core.objective",
+    "register_perturbation": "lightning_jit.core.noise",
+    "tune_jit": "lightning_jit.tune",
+}
 
 __all__ = [
     "AtomicCheckpointIO",
+    "BatchFormat",
     "CollapseGuard",
-    "JiTConfig",
     "JiTDivergenceError",
     "JiTInputError",
+    "JiTRun",
+    "JiTSettingError",
+    "JiTSettings",
     "JiTUnlearning",
     "JiTUnlearningCallback",
-    "PLAIN_JIT",
-    "UnlearningEvaluation",
+    "JiTUnlearningFailed",
+    "Outcome",
     "TuneResult",
+    "UnlearningEvaluation",
     "UnlearningReport",
+    "Verification",
     "__version__",
     "evaluate_unlearning",
     "jit_objective",
+    "register_perturbation",
     "tune_jit",
 ]
+
+if TYPE_CHECKING:
+    from lightning_jit.core.batch import BatchFormat
+    from lightning_jit.core.engine import JiTRun
+    from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError
+    from lightning_jit.core.guard import CollapseGuard
+    from lightning_jit.core.noise import register_perturbation
+    from lightning_jit.core.objective import jit_objective
+    from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
+    from lightning_jit.core.settings import JiTSettings
+    from lightning_jit.evaluation import UnlearningEvaluation, UnlearningReport, evaluate_unlearning
+    from lightning_jit.lightning.callback import JiTUnlearningCallback
+    from lightning_jit.lightning.checkpoint import AtomicCheckpointIO
+    from lightning_jit.lightning.module import JiTUnlearning
+    from lightning_jit.tune import TuneResult, tune_jit
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_jit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

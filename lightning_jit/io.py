@@ -16,12 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import lightning.pytorch as pl
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 
 
 @contextlib.contextmanager
@@ -122,62 +117,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True)
         torch.save(obj, fh)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, but every checkpoint is written through :func:`atomic_write`.
-
-    Lightning's own save writes the bytes straight into the destination (through an fsspec transaction, without
-    fsync); here they go to a temporary file in the same directory, which is fsynced and then renamed over the
-    destination. A crash, SIGINT or SIGTERM therefore leaves either the previous file or the complete new one. Remote
-    (non-local) paths fall back to Lightning's implementation.
-
-    :class:`~lightning_jit.module.JiTUnlearning` installs it on the Trainer it runs in (see
-    :class:`AtomicCheckpoints`); pass it yourself as ``Trainer(plugins=[AtomicCheckpointIO()])`` elsewhere.
-
-    Example:
-        >>> import tempfile, pathlib, torch
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.ckpt"
-        >>> AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
-        >>> torch.load(path)["state_dict"]["w"].tolist()
-        [1.0, 1.0]
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(
-                "`Trainer.save_checkpoint(..., storage_options=...)` is not supported by AtomicCheckpointIO."
-            )
-        if not isinstance(get_filesystem(path), LocalFileSystem):
-            super().save_checkpoint(checkpoint, path)
-            return
-        atomic_torch_save(checkpoint, path)
-
-
-def install_atomic_checkpoint_io(trainer: pl.Trainer) -> bool:
-    """Make ``trainer`` write its checkpoints with :class:`AtomicCheckpointIO`.
-
-    Only Lightning's default ``TorchCheckpointIO`` is replaced: a checkpoint IO the user chose is kept.
-
-    Returns:
-        Whether it was replaced (or already atomic).
-    """
-    strategy = trainer.strategy
-    # None until first used, when Lightning would create a plain TorchCheckpointIO.
-    current = getattr(strategy, "_checkpoint_io", None)
-    if isinstance(current, AtomicCheckpointIO):
-        return True
-    if current is None or type(current) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
-        return True
-    return False
-
-
-class AtomicCheckpoints(pl.Callback):
-    """Install :class:`AtomicCheckpointIO` on the Trainer at ``setup`` (added by ``JiTUnlearning``)."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        install_atomic_checkpoint_io(trainer)
-
-
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -209,3 +148,22 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
         return json_safe(obj.item())
     return obj
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as hex (for audit records that name a checkpoint).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(delete=False) as fh:
+        ...     _ = fh.write(b"abc")
+        >>> file_sha256(fh.name)[:12]
+        'ba7816bf8f01'
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

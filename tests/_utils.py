@@ -25,7 +25,7 @@ def assert_same_weights(got: nn.Module, want: nn.Module, atol: float = 1e-6) -> 
 
 def quiet_trainer(**kwargs):
     """The library's quiet Trainer, for one epoch unless told otherwise."""
-    from lightning_jit.data import quiet_trainer as library_quiet_trainer
+    from lightning_jit.lightning.trainer import quiet_trainer as library_quiet_trainer
 
     return library_quiet_trainer(**{"max_epochs": 1, **kwargs})
 
@@ -49,3 +49,15 @@ class _ReleaseProcessGroup(pl.Callback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold bit-identical parameters and buffers."""
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+class InterruptAtFirstBatch(pl.Callback):
+    """Raises ``KeyboardInterrupt`` (what Ctrl+C raises) when the first training batch starts."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise KeyboardInterrupt

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_jit.data import DigitsCNN, load_digits_split, train_classifier
+from lightning_jit.demo.data import DigitsCNN, load_digits_split, train_classifier
 
 torch.set_num_threads(2)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

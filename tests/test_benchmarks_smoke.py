@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import bench_defaults, bench_objective
 from benchmarks.reference_port import reference_step
-from lightning_jit.objective import jit_objective
+from lightning_jit import jit_objective
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_objective_tiny_run_reports_every_method(tmp_path):
     out = tmp_path / "rows.json"
     rows = bench_objective.main(
@@ -30,6 +32,7 @@ def test_bench_objective_tiny_run_reports_every_method(tmp_path):
     assert set(ratios) == {"library/reference", "library/floor"}
 
 
+@pytest.mark.slow
 def test_bench_defaults_tiny_run_times_both_settings():
     result = bench_defaults.main(["--rounds", "1", "--epochs", "1"])
     assert set(result) == {"plain JiT", "defaults", "ratio"}
@@ -48,6 +51,7 @@ def test_benchmark_compares_the_same_objective():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMEOUT="280")
     proc = subprocess.run(

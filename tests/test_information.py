@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from sklearn.datasets import load_digits
 
-from lightning_jit.information import layer_features, sample_information, split_by_information
+from lightning_jit.evaluation import layer_features, sample_information, split_by_information
 
 
 def _alpha_loop(x: np.ndarray, y: np.ndarray, k: int | None = None, radius: float | None = None) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_mislabelled_group_is_high_information(digits):
 
 
 def test_feature_space_alpha_uses_the_layer(digits):
-    from lightning_jit.data import DigitsCNN
+    from lightning_jit.demo.data import DigitsCNN
 
     torch.manual_seed(0)
     trained_cnn = DigitsCNN().eval()  # the hook mechanism does not need trained weights

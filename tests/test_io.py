@@ -16,9 +16,9 @@ from _utils import quiet_trainer
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTUnlearning
-from lightning_jit.data import DigitsCNN
-from lightning_jit.io import AtomicCheckpointIO, atomic_append_line, atomic_torch_save, atomic_write
+from lightning_jit import AtomicCheckpointIO, JiTUnlearning
+from lightning_jit.demo.data import DigitsCNN
+from lightning_jit.io import atomic_append_line, atomic_torch_save, atomic_write
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -120,7 +120,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from lightning_jit import JiTUnlearning
-from lightning_jit.data import DigitsCNN
+from lightning_jit.demo.data import DigitsCNN
 
 source, out = sys.argv[1], sys.argv[2]
 model = DigitsCNN.load_from_checkpoint(source)

@@ -16,7 +16,7 @@ from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from lightning_jit.metrics import (
+from lightning_jit.evaluation import (
     EntropyMIA,
     ForgetAccuracy,
     PredictionEntropy,
@@ -25,9 +25,12 @@ from lightning_jit.metrics import (
     TugOfWar,
     ZRFScore,
     activation_distance,
+    entropy_tests,
+    fit_entropy_attack,
     js_divergence,
     random_copy,
     tug_of_war,
+    warn_if_useless_attack,
 )
 
 
@@ -119,6 +122,25 @@ def test_entropy_mia_bad_inputs():
         only.update(_logits(5), "retain")
         only.update(_logits(5), "test")
         only.compute()
+
+
+def test_entropy_tests_attack_and_the_useless_attack_note():
+    u, r = _entropy_loop(_logits(30, seed=1)), _entropy_loop(_logits(40, scale=1.0, seed=2))
+    out = entropy_tests(u, r)  # different sizes: not paired, so no Wilcoxon test
+    assert out["wilcoxon_statistic"] == 0.0 and out["wilcoxon_pvalue"] == 1.0
+    assert out["ks_pvalue"] == pytest.approx(stats.ks_2samp(u, r).pvalue)
+    assert out["mannwhitney_pvalue"] == pytest.approx(stats.mannwhitneyu(u, r).pvalue)
+    attack = fit_entropy_attack(torch.from_numpy(u), r)  # tensors and arrays alike
+    expected = LogisticRegression(class_weight="balanced").fit(
+        np.concatenate([u, r]).reshape(-1, 1), np.concatenate([np.ones(30), np.zeros(40)])
+    )
+    np.testing.assert_array_equal(attack.predict(u.reshape(-1, 1)), expected.predict(u.reshape(-1, 1)))
+    with pytest.raises(MisconfigurationException, match="one of them is empty"):
+        fit_entropy_attack(np.zeros(0), r)
+    with pytest.warns(UserWarning, match="only 0.55 balanced accuracy"):
+        note = warn_if_useless_attack(0.55, "unlearned")
+    assert note is not None and "for the unlearned model" in note
+    assert warn_if_useless_attack(0.56, "unlearned") is None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -263,6 +285,7 @@ def _ddp_data() -> dict[str, torch.Tensor]:
     return data
 
 
+@pytest.mark.slow
 def test_metrics_sync_under_real_ddp(tmp_path):
     out_file = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out_file), nprocs=2, join=True)

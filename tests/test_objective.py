@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_jit.objective import JiTInputError, NoiseStream, jit_objective, select_output
+from lightning_jit.core.batch import select_output
+from lightning_jit.core.errors import JiTInputError, JiTSettingError
+from lightning_jit.core.noise import NoiseStream
+from lightning_jit.core.objective import jit_objective
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -158,6 +161,9 @@ def test_output_selector_for_tuple_and_dict_models():
         jit_objective(DictNet(), x, 0.2, 3)
     with pytest.raises(JiTInputError, match=r"\(batch, classes\)"):
         jit_objective(TupleNet(), x, 0.2, 3, output_selector=0)
+    # A tuple of several tensors, e.g. (features, logits): which is meant cannot be guessed, so it is an error.
+    with pytest.raises(JiTInputError, match="2 tensors.*output_selector"):
+        jit_objective(TupleNet(), x, 0.2, 3)
 
 
 def test_select_output_defaults():
@@ -184,8 +190,9 @@ def test_bad_inputs_are_refused(x, match):
 @pytest.mark.parametrize(("kwargs", "match"), [({"sigma": 0.0}, "sigma"), ({"n_perturbations": 0}, "n_perturbations")])
 def test_bad_hyperparameters_are_refused(kwargs, match):
     args = {"sigma": 0.2, "n_perturbations": 3} | kwargs
-    with pytest.raises(JiTInputError, match=match):
+    with pytest.raises(JiTSettingError, match=match) as info:
         jit_objective(_net(), torch.randn(2, 3, 4), **args)
+    assert info.value.setting == match
 
 
 def _peak_live_bytes(fn) -> int:
@@ -216,9 +223,9 @@ def test_memory_does_not_grow_with_n():
     assert peak(100, None) > 2 * peak(25, None)
 
 
-@pytest.mark.parametrize(("center", "normalize"), [(True, False), (False, True), (True, True)])
-def test_output_geometry_options_equal_naive_loop(center, normalize):
-    """`center_logits` / `normalize_logits` equal the naive loop on transformed outputs."""
+def test_normalized_objective_equals_naive_loop():
+    """`normalize_logits` equals the naive loop on unit-normalised outputs."""
+    center, normalize = False, True
     base = _net()
 
     def transformed(z):
@@ -231,9 +238,7 @@ def test_output_geometry_options_equal_naive_loop(center, normalize):
 
     x = torch.randn(5, 3, 4)
     noise = _same_noise(x, 0.3, 4, seed=9)
-    got = jit_objective(
-        base, x, 0.3, 4, center_logits=center, normalize_logits=normalize, generator=torch.Generator().manual_seed(9)
-    )
+    got = jit_objective(base, x, 0.3, 4, normalize_logits=normalize, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(got, _naive(transformed, x, noise), rtol=1e-5, atol=1e-6)
     raw = jit_objective(base, x, 0.3, 4, generator=torch.Generator().manual_seed(9))
     assert not torch.allclose(got, raw)
@@ -256,7 +261,7 @@ def test_normalized_objective_is_scale_free():
 
 def test_logit_norm_penalty_matches_a_per_sample_loop():
     """The penalty against the formula, sample by sample: one-sided squared growth of the logits' norm."""
-    from lightning_jit.objective import logit_norm_penalty
+    from lightning_jit.core.penalties import logit_norm_penalty
 
     model, frozen = _net(0), _net(0)
     with torch.no_grad():
@@ -291,7 +296,7 @@ def test_logit_norm_penalty_matches_a_per_sample_loop():
 
 def test_auto_chunk_is_the_measured_size_of_the_device():
     """``"auto"`` (the default) sends the CPU's 256 perturbed samples per pass: the same passes as an explicit 256."""
-    from lightning_jit.objective import PERTURBATION_CHUNK_BY_DEVICE, resolve_perturbation_chunk
+    from lightning_jit.core.objective import PERTURBATION_CHUNK_BY_DEVICE, resolve_perturbation_chunk
 
     assert resolve_perturbation_chunk("auto", torch.device("cpu")) == PERTURBATION_CHUNK_BY_DEVICE["cpu"] == 256
     assert resolve_perturbation_chunk("auto", torch.device("cuda")) == PERTURBATION_CHUNK_BY_DEVICE["cuda"]

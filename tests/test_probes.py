@@ -1,23 +1,21 @@
-"""Probe distillation: the zero-shot retain term, against hand computations and through the real Trainer."""
+"""Probe distillation and the retain term: against hand computations, and through the real Trainer."""
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
+import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from _utils import assert_same_weights, quiet_trainer, release_process_group, sgd_by_hand
+from _utils import assert_same_weights, quiet_trainer, sgd_by_hand
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTUnlearning
-from lightning_jit.config import JiTConfig
-from lightning_jit.data import DigitsCNN, class_mask
-from lightning_jit.objective import jit_objective
-from lightning_jit.probes import ProbeDistillation, synthesize_class_probes
-from lightning_jit.step import FrozenReference
+from lightning_jit import BatchFormat, JiTSettings, JiTUnlearning
+from lightning_jit.core.objective import jit_objective
+from lightning_jit.core.penalties import FrozenReference
+from lightning_jit.core.probes import ProbeDistillation, counterfactual_probes
+from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
+from lightning_jit.lightning.data import forget_loader
 
 
 def _kl_by_hand(model, frozen, probes) -> float:
@@ -39,149 +37,162 @@ def _moved(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.
     return moved
 
 
-def test_loss_is_the_mean_kl_over_the_probes_of_the_classes_not_forgotten(trained_cnn, digits):
+def test_counterfactual_probes_start_at_forget_samples_and_reach_their_class(trained_cnn, digits):
+    threes = digits.x_train[class_mask(digits.y_train, [3])][:20]
+    frozen = FrozenReference(trained_cnn)
+    x, y = counterfactual_probes(frozen.differentiable, threes, [0, 5], 3, std=1.0, generator=torch.Generator())
+    assert y.tolist() == [0, 0, 0, 5, 5, 5]
+    assert (trained_cnn.eval()(x).argmax(1) == y).float().mean() >= 5 / 6  # the original now calls them that class
+    # Each probe is a forget sample moved by at most 20 Adam steps of 0.1 std per pixel (not noise, which is ~1 std).
+    nearest = (x.flatten(1)[:, None] - threes.flatten(1)[None]).abs().amax(dim=2).min(dim=1).values
+    assert float(nearest.max()) <= 20 * 0.1 + 1e-3
+    assert all(p.grad is None for p in trained_cnn.parameters())  # the original's weights are untouched
+
+
+def test_loss_is_the_mean_kl_over_this_steps_probes_taken_in_turn(trained_cnn, digits):
     frozen = copy.deepcopy(trained_cnn).eval()
-    distill = ProbeDistillation(FrozenReference(trained_cnn).differentiable, per_class=3, seed=2)
-    forget = digits.x_train[class_mask(digits.y_train, [3])][:16]
-    distill.observe(forget, torch.full((16,), 3))
-    assert distill.active_classes() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    assert distill.probes.shape == (27, 1, 8, 8)  # the classes the first batch does not hold
-    # The original model classifies its probes as their classes, and an unmoved model costs nothing.
-    assert torch.equal(frozen(distill.probes).argmax(1), distill.probe_classes)
-    assert float(distill.loss(trained_cnn)) == pytest.approx(0.0, abs=1e-6)
-    moved = _moved(trained_cnn).eval()
-    kept = distill.probes
-    got = distill.loss(moved)
-    assert float(got) == pytest.approx(_kl_by_hand(moved, frozen, kept), rel=1e-4)
-    assert float(got) > 1e-3
+    reference = FrozenReference(trained_cnn)
+    starts = digits.x_train[class_mask(digits.y_train, [3])][:16]
+    distill = ProbeDistillation.synthesise(reference, starts, [0, 1, 2], 4, std=1.0, generator=torch.Generator())
+    assert distill.probes.shape == (12, 1, 8, 8)
+    assert float(distill.loss(trained_cnn, batch_size=8)) == pytest.approx(0.0, abs=1e-6)  # unmoved: no cost
+    moved = _moved(trained_cnn, scale=0.3).eval()
+    # ceil(0.5 * 10) = 5 probes a step, in turn: probes 4-8 come next, then 9, 10, 11, 0, 1.
+    for window in ([4, 5, 6, 7, 8], [9, 10, 11, 0, 1]):
+        got = distill.loss(moved, batch_size=10)
+        assert float(got) == pytest.approx(_kl_by_hand(moved, frozen, distill.probes[window]), rel=1e-4)
     got.backward()
     assert all(p.grad is not None for p in moved.parameters())
-    assert all(p.grad is None for p in trained_cnn.parameters())  # the reference's weights are copies, untouched
-
-
-def test_unlabelled_batches_forget_the_classes_the_original_predicts(trained_cnn, digits):
-    distill = ProbeDistillation(FrozenReference(trained_cnn).differentiable, per_class=2)
-    x = digits.x_train[class_mask(digits.y_train, [1, 7])][:20]
-    predicted = set(trained_cnn.eval()(x).argmax(1).tolist())
-    distill.observe(x, None)
-    assert predicted == {1, 7}
-    assert distill.active_classes() == [c for c in range(10) if c not in predicted]
-    # Classes accumulate over batches; once every class was in the forget set, no probe is held.
-    distill.observe(x, torch.arange(10))
-    assert distill.active_classes() == [] and distill.loss(trained_cnn) is None
-
-
-def test_at_most_max_per_step_probes_a_step_taken_in_turn(trained_cnn, digits):
-    frozen = copy.deepcopy(trained_cnn).eval()
-    distill = ProbeDistillation(FrozenReference(trained_cnn).differentiable, per_class=4, max_per_step=5)
-    distill.observe(digits.x_train[:8], torch.tensor([c for c in range(10) if c not in (0, 1, 2)]))
-    active = distill.probes[distill.probe_classes <= 2]  # 12 probes of classes 0, 1, 2
-    moved = _moved(trained_cnn, scale=0.3).eval()
-    for window in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 0, 1, 2]):
-        assert float(distill.loss(moved)) == pytest.approx(_kl_by_hand(moved, frozen, active[window]), rel=1e-4)
 
 
 def test_many_classes_get_fewer_probes_synthesised_in_chunks():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 20))
-    distill = ProbeDistillation(FrozenReference(net).differentiable, per_class=16, max_per_step=8, max_probes=40)
-    distill.observe(torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
-    assert distill.probe_classes.tolist() == [c for c in range(1, 20) for _ in range(2)]  # 40 // 20 = 2 each
-    assert torch.equal(net(distill.probes).argmax(1), distill.probe_classes)  # each chunk reached its classes
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3000))
+    reference = FrozenReference(net)
+    distill = ProbeDistillation.synthesise(reference, torch.randn(4, 1, 4, 4), list(range(3000)), 4, std=1.0)
+    assert distill.probes.shape[0] == 3000  # at most MAX_PROBES // classes = 0 -> 1 per class
 
 
 def test_the_defaults_are_the_measured_improvements():
-    config = JiTConfig(sigma=0.1, lr=0.03)
-    assert config.normalize_logits is True
-    assert config.logit_norm_penalty == 10.0
-    assert config.probe_distillation == 1.0
+    settings = JiTSettings()
+    assert settings.normalize_logits is True and settings.unitless_ratio is True
+    assert settings.logit_norm_penalty == 10.0 and settings.probe_distillation == 5.0
+    assert settings.probes_per_class == 4 and settings.update_scope == 2 and settings.n_perturbations == 8
+    assert settings.sigma is None and settings.lr is None
 
 
-def test_wrapper_applies_the_default_term_against_the_pre_run_model(trained_cnn, digits):
-    """Two wrapper steps, with the default probe_distillation, equal hand SGD steps on the JiT objective plus the KL
-    on probes synthesised by hand from a frozen pre-run copy (at the first batch's scale). Off, the weights differ."""
+def test_a_step_with_the_default_terms_equals_hand_sgd(trained_cnn, digits):
+    """One wrapper step with probe distillation (plain SGD at a given lr, every parameter, raw ratio) equals a hand
+    SGD step on the JiT objective plus the KL on the same probes; without the term the weights differ."""
     forget = class_mask(digits.y_train, [3])
-    x, y = digits.x_train[forget][:16], digits.y_train[forget][:16]
+    x, y = digits.x_train[forget][:8], digits.y_train[forget][:8]
     start = copy.deepcopy(trained_cnn.state_dict())
-    settings = dict(sigma=0.2, lr=0.5, n_perturbations=4, seed=5, guard=False, logit_norm_penalty=0.0)
+    settings = JiTSettings.plain(sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5,
+                                 probe_distillation=5.0, epochs=1)  # fmt: skip
 
-    def run(**extra):
+    def run(settings):
         model = DigitsCNN()
         model.load_state_dict(start)
-        wrapper = JiTUnlearning(model, **settings, **extra)
+        wrapper = JiTUnlearning(model, settings, guard=False)
         quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x, y), batch_size=8))
         return model, wrapper
 
-    unlearned, wrapper = run()
-    assert wrapper.config.probe_distillation == 1.0 and wrapper._probes.active_classes() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    model, frozen = DigitsCNN(), DigitsCNN()
+    unlearned, wrapper = run(settings)
+    probes = wrapper.run.probes
+    assert probes is not None and sorted(set(probes.classes.tolist())) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    model = DigitsCNN()
     model.load_state_dict(start)
-    frozen.load_state_dict(start)
     model.eval()
-    frozen.eval()
-    first = x[:8]
-    scale = (float(first.mean()), float(first.var(unbiased=False).sqrt()))
-    # The probes are seeded with the run's seed.
-    kept = [c for c in range(10) if c != 3]  # the classes the first batch does not hold
-    probes, _ = synthesize_class_probes(frozen, kept, like=first, per_class=16, seed=5, scale=scale)
-    with torch.no_grad():
-        target = torch.log_softmax(frozen(probes), dim=1)
-    generator = torch.Generator().manual_seed(5)
-    for xb in (x[:8], x[8:]):
-        loss = jit_objective(model, xb, 0.2, 4, generator=generator, normalize_logits=True)
-        log_p = torch.log_softmax(model(probes), dim=1)
-        loss = loss + torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
-        sgd_by_hand(model, loss, 0.5)
+    take = torch.arange(math.ceil(0.5 * 8))  # the first step's probes
+    loss = jit_objective(model, x, 0.2, 4, generator=torch.Generator().manual_seed(5), normalize_logits=True)
+    log_p = torch.log_softmax(model(probes.probes[take]), dim=1)
+    loss = loss + 5.0 * torch.nn.functional.kl_div(log_p, probes.targets[take], log_target=True, reduction="batchmean")
+    sgd_by_hand(model, loss, 0.5)
     assert_same_weights(unlearned, model)
-    off, _ = run(probe_distillation=0.0)
+    off, _ = run(settings.replace(probe_distillation=0.0))
     assert not all(
         torch.equal(a, b) for a, b in zip(off.state_dict().values(), unlearned.state_dict().values(), strict=True)
     )
 
 
-def test_no_probe_is_held_when_the_forget_set_holds_every_class(trained_cnn, digits):
-    """Random forgetting: one batch with all ten classes, so the term is zero and the run equals the run without it."""
+def test_no_probe_is_held_for_random_forgetting(trained_cnn, digits):
+    """The forget set holds every class: a random task, with no class to hold."""
     idx = torch.cat([torch.nonzero(digits.y_train == c).flatten()[:2] for c in range(10)])
     loader = DataLoader(TensorDataset(digits.x_train[idx], digits.y_train[idx]), batch_size=20)
+    wrapper = JiTUnlearning(trained_cnn)
+    quiet_trainer(max_epochs=-1).fit(wrapper, loader)
+    assert wrapper.run.calibrated["task"] == "random" and wrapper.run.probes is None
+    assert wrapper.verification.target is None and wrapper.outcome == "not_forgotten"  # nothing zero-shot to claim
+    assert wrapper.verification.passes == 1
+
+
+def test_retain_is_held_at_the_original_outputs_and_changes_the_run(trained_cnn, digits):
+    """With `retain=`, one step equals hand SGD on the objective plus the KL to the original's outputs on those
+    samples (ceil(0.5 * B) of them, in turn); without it the weights differ."""
+    forget = class_mask(digits.y_train, [3])
+    x, y = digits.x_train[forget][:8], digits.y_train[forget][:8]
+    kept = digits.x_train[~forget][:6], digits.y_train[~forget][:6]
     start = copy.deepcopy(trained_cnn.state_dict())
-    finals = []
-    for weight in (1.0, 0.0):
+    settings = JiTSettings.plain(sigma=0.2, lr=0.5, n_perturbations=4, seed=5, epochs=1, retain_distillation=2.0)
+
+    def run(retain):
         model = DigitsCNN()
         model.load_state_dict(start)
-        quiet_trainer(max_epochs=2).fit(
-            JiTUnlearning(model, sigma=0.2, lr=0.1, n_perturbations=4, epochs=2, seed=3, probe_distillation=weight),
-            loader,
-        )
-        finals.append(model.state_dict())
-    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
-    assert any(not torch.equal(finals[0][k], start[k]) for k in start)  # JiT itself did move the weights
+        wrapper = JiTUnlearning(model, settings, guard=False, retain=retain)
+        quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x, y), batch_size=8))
+        return model, wrapper
 
-
-class _RecordProbes(pl.Callback):
-    """Writes each rank's held classes and a fingerprint of its probes (module level, so ddp_spawn can pickle it)."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer, pl_module):
-        probes = pl_module._probes
-        record = {"active": probes.active_classes(), "probe_sum": float(probes.probes.double().sum())}
-        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-def test_ddp_ranks_with_different_batches_pool_the_classes_and_the_probes(trained_cnn, digits, tmp_path):
-    """Under DDP with Lightning's (shuffling) DistributedSampler each process holds other samples: here 31 threes and
-    one five, so only one rank ever sees a 5. Both must stop holding both classes, and synthesise the same probes (the
-    input scale pooled over the ranks)."""
-    threes = torch.nonzero(digits.y_train == 3).flatten()[:31]
-    fives = torch.nonzero(digits.y_train == 5).flatten()[:1]
-    order = torch.cat([threes, fives])
-    loader = DataLoader(TensorDataset(digits.x_train[order], digits.y_train[order]), batch_size=8)
-    wrapper = JiTUnlearning(trained_cnn, sigma=0.1, lr=0.03, n_perturbations=4, seed=1, guard=False)
-    trainer = quiet_trainer(
-        devices=2, strategy="ddp_spawn", callbacks=[_RecordProbes(str(tmp_path)), release_process_group()]
+    unlearned, wrapper = run(DataLoader(TensorDataset(*kept), batch_size=4))
+    assert wrapper.run.retain.probes.shape[0] == 6 and wrapper.verification.extra["calibrated"]["retain_samples"] == 6
+    assert wrapper.verification.retain_accuracy == pytest.approx(accuracy(unlearned, *kept))
+    model, frozen = DigitsCNN(), DigitsCNN()
+    model.load_state_dict(start)
+    frozen.load_state_dict(start)
+    model.eval()
+    frozen.eval()
+    loss = jit_objective(model, x, 0.2, 4, generator=torch.Generator().manual_seed(5))
+    held = kept[0][:4]  # ceil(0.5 * 8) retain samples at the first step
+    with torch.no_grad():
+        target = torch.log_softmax(frozen(held), dim=1)
+    log_p = torch.log_softmax(model(held), dim=1)
+    loss = loss + 2.0 * torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean")
+    sgd_by_hand(model, loss, 0.5)
+    assert_same_weights(unlearned, model)
+    without, _ = run(None)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(without.state_dict().values(), unlearned.state_dict().values(), strict=True)
     )
-    trainer.fit(wrapper, loader)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["active"] == ranks[1]["active"] == [0, 1, 2, 4, 6, 7, 8, 9]
-    assert ranks[0]["probe_sum"] == ranks[1]["probe_sum"]
+
+
+def test_retain_batches_are_read_with_the_batch_format(trained_cnn, digits):
+    keep = DataLoader([{"pixels": xi} for xi in digits.x_train[:10]], batch_size=5)
+    reference = FrozenReference(trained_cnn)
+    held = ProbeDistillation.from_retain(
+        reference, keep, BatchFormat(input_key="pixels"), device=torch.device("cpu"), limit=7
+    )
+    assert held.probes.shape == (7, 1, 8, 8)
+    assert torch.equal(held.probes, digits.x_train[:7])
+
+
+def test_retained_samples_of_a_forgotten_label_are_checked_and_a_lost_one_rolls_back(trained_cnn, digits):
+    """Sub-class forgetting with `retain=`: kept samples of the forget set's label (siblings) are not distilled but
+    checked at the end. Forgetting some 3s while keeping the other 3s takes the whole label here, so the run restores
+    the original weights and says why; the figures are checked against independent accuracies."""
+    threes = torch.nonzero(digits.y_train == 3).flatten()
+    forget, siblings = threes[:60], threes[60:]
+    others = torch.nonzero(digits.y_train != 3).flatten()[:40]
+    keep = torch.cat([siblings, others])
+    before = copy.deepcopy(trained_cnn.state_dict())
+    with torch.no_grad():
+        recognised = int((trained_cnn.eval()(digits.x_train[siblings]).argmax(1) == 3).sum())
+    retain = DataLoader(TensorDataset(digits.x_train[keep], digits.y_train[keep]), batch_size=64)
+    wrapper = JiTUnlearning(trained_cnn, seed=0, retain=retain)
+    forget_set = TensorDataset(digits.x_train[forget], digits.y_train[forget])
+    quiet_trainer(max_epochs=-1).fit(wrapper, forget_loader(forget_set))
+    assert wrapper.run.calibrated["retain_siblings"] == recognised > 0
+    assert wrapper.run.retain.probes.shape[0] == len(others)  # the siblings left the distillation
+    assert wrapper.outcome == "rolled_back" and "sub-class" in wrapper.verification.reason
+    assert all(torch.equal(v, before[k]) for k, v in trained_cnn.state_dict().items())
+    assert wrapper.verification.retain_accuracy == pytest.approx(
+        accuracy(trained_cnn, digits.x_train[others], digits.y_train[others])
+    )

@@ -1,0 +1,40 @@
+"""The JiT method in pure torch: settings, batch format, noise, objective, retain terms, guard and run engine.
+
+Nothing here depends on Lightning but its configuration exception; the Lightning fronts
+(:mod:`lightning_jit.lightning`) hand the run engine what only a Trainer knows.
+"""
+
+from lightning_jit.core.batch import BatchFormat, select_output
+from lightning_jit.core.cost import CostCounter, reference_cost
+from lightning_jit.core.engine import Collectives, JiTRun, StepReport
+from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError
+from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.noise import register_perturbation
+from lightning_jit.core.objective import jit_objective
+from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty
+from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
+from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.state import WeightSnapshot
+
+__all__ = [
+    "BatchFormat",
+    "Collectives",
+    "CollapseGuard",
+    "CostCounter",
+    "FrozenReference",
+    "JiTDivergenceError",
+    "JiTInputError",
+    "JiTRun",
+    "JiTSettingError",
+    "JiTSettings",
+    "ProbeDistillation",
+    "StepReport",
+    "WeightSnapshot",
+    "jit_objective",
+    "logit_norm_penalty",
+    "probe_confidence",
+    "reference_cost",
+    "register_perturbation",
+    "select_output",
+    "synthesize_class_probes",
+]

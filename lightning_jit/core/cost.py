@@ -1,0 +1,111 @@
+"""What a run costs, counted as samples through the user's model: a forward pass counts 1 per sample, a forward that
+is back-propagated counts 3 (DESIGN.md section 6).
+
+:class:`CostCounter` hangs a forward hook on the model and books each pass under the kind of work the run is doing
+at that moment (:meth:`CostCounter.kind`, :data:`KINDS`). A pass with autograd enabled is counted as forward and
+backward. Frozen-copy passes (``torch.func.functional_call`` on the same module) go through the same hook. The
+reference's one pass over a forget set of ``n`` samples costs ``(N + 3) * n`` (:func:`reference_cost`), the unit the
+benchmarks report against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The kinds of work a run books its passes under, in report order.
+KINDS = (
+    "calibration",
+    "clean",
+    "perturbed",
+    "penalty",
+    "probes",
+    "synthesis",
+    "retain",
+    "stopping_rule",
+    "guard",
+    "verification",
+    "other",
+)
+
+
+def reference_cost(n_forget: int, n_perturbations: int = 25) -> int:
+    """The reference's one pass: per forget sample, ``N`` no-grad forwards and one forward+backward.
+
+    Example:
+        >>> reference_cost(10)
+        280
+    """
+    return int(n_forget) * (int(n_perturbations) + 3)
+
+
+class CostCounter:
+    """Count the samples that go through ``model``, by kind of work.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> counter = CostCounter()
+        >>> with counter.attached(net):
+        ...     with counter.kind("perturbed"), torch.no_grad():
+        ...         _ = net(torch.zeros(5, 3))
+        ...     with counter.kind("clean"):
+        ...         _ = net(torch.zeros(2, 3))
+        >>> counter.counts["perturbed"], counter.counts["clean"], counter.total
+        (5, 6, 11)
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._kind = "other"
+        self._handle: Any = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @contextlib.contextmanager
+    def kind(self, name: str) -> Iterator[None]:
+        """Book the passes made inside the block under ``name``."""
+        previous, self._kind = self._kind, name
+        self.counts.setdefault(name, 0)
+        try:
+            yield
+        finally:
+            self._kind = previous
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        first = args[0] if args else None
+        n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+        self.counts[self._kind] += n * (3 if torch.is_grad_enabled() else 1)
+
+    def attach(self, model: nn.Module) -> None:
+        """Start counting the forwards of ``model`` (idempotent)."""
+        if self._handle is None:
+            self._handle = model.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        """Stop counting."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[CostCounter]:
+        """Count the forwards of ``model`` inside the block."""
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def report(self, n_forget: int | None = None, n_perturbations: int = 25) -> dict[str, Any]:
+        """The counts by kind and in total; with ``n_forget``, also per forget sample and over the reference's pass."""
+        out: dict[str, Any] = {"by_kind": {k: v for k, v in self.counts.items() if v}, "total": self.total}
+        if n_forget:
+            out["per_forget_sample"] = self.total / n_forget
+            out["over_reference"] = self.total / reference_cost(n_forget, n_perturbations)
+        return out

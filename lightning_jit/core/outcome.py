@@ -1,0 +1,152 @@
+"""How a run ended, verified: the outcome a machine can act on, and the record that backs the claim.
+
+Every run ends with a verification on the final weights (:meth:`lightning_jit.core.engine.JiTRun.finish`): the share
+of forget samples the model still recognises, against the target. Only :attr:`Outcome.FORGOTTEN` is success: for the
+command line's exit code, for the deletion ledger, and for the report's first line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Outcome(str, Enum):
+    """How a JiT run ended.
+
+    * ``forgotten``: verified on the final weights: at most ``target_forget_accuracy`` percent of the forget samples
+      are still recognised.
+    * ``not_forgotten``: the run ended (its epoch bound, or the guard halved its step to the limit) with more of the
+      forget set still recognised than the target allows, or without a target to verify against.
+    * ``rolled_back``: the collapse guard restored the weights from before the run and stopped it: the model is the
+      original.
+    * ``diverged``: the run diverged; the weights from before the run were restored and an error was raised.
+
+    Example:
+        >>> Outcome.FORGOTTEN.succeeded, Outcome("rolled_back").succeeded
+        (True, False)
+        >>> Outcome.ROLLED_BACK == "rolled_back"
+        True
+    """
+
+    FORGOTTEN = "forgotten"
+    NOT_FORGOTTEN = "not_forgotten"
+    ROLLED_BACK = "rolled_back"
+    DIVERGED = "diverged"
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the deletion can be claimed as done."""
+        return self is Outcome.FORGOTTEN
+
+    @property
+    def advice(self) -> str:
+        """What to do next, in one line."""
+        return _ADVICE[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ADVICE = {
+    Outcome.FORGOTTEN: "Nothing to do: the deletion is verified.",
+    Outcome.NOT_FORGOTTEN: (
+        "Allow a longer run (`epochs`), give a `retain=` loader of data you keep, or search the settings with"
+        " `lightning-jit tune`."
+    ),
+    Outcome.ROLLED_BACK: (
+        "The model is the original. Give a `monitor=` (or `retain=`) loader of data you keep so that the guard can"
+        " tell forgetting from damage, or search the settings with `lightning-jit tune`."
+    ),
+    Outcome.DIVERGED: "The model is the original. Try a smaller `lr` or a larger `sigma`, or let them be calibrated.",
+}
+
+
+@dataclass
+class Verification:
+    """What the end-of-run check measured on the final weights, and the outcome it supports.
+
+    Attributes:
+        outcome: The :class:`Outcome`.
+        n_forget: Forget samples measured.
+        forget_accuracy: Percent of them still recognised (their label, or without labels the original model's
+            prediction); ``None`` if nothing was measured.
+        forget_confidence: Mean probability the model gives the recognised class, in percent.
+        target: The target (``target_forget_accuracy``) the claim is checked against; ``None`` when none was set.
+        measured_against: ``"labels"``, ``"original predictions"`` or ``"last pass"`` (the stopping rule's window,
+            when the forget set could not be read again).
+        passes: Passes over the forget set that ran.
+        guard_events: Interventions of the collapse guard.
+        monitor_accuracy: The monitor loader's accuracy on the final weights, if one was given.
+        retain_accuracy: The retain loader's accuracy on the final weights, if one was given.
+        cost: Samples through the model by kind (see :mod:`lightning_jit.core.cost`).
+        settings: The settings of the run (calibrated values included).
+        extra: Anything a front adds (e.g. the checkpoint's sha256).
+        reason: Why the run was rolled back, when not by the guard.
+    """
+
+    outcome: Outcome
+    n_forget: int = 0
+    forget_accuracy: float | None = None
+    forget_confidence: float | None = None
+    target: float | None = None
+    measured_against: str = "labels"
+    passes: int = 0
+    guard_events: int = 0
+    monitor_accuracy: float | None = None
+    retain_accuracy: float | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        """The one-line claim, for the report's first line, the log and the command line.
+
+        Example:
+            >>> Verification(Outcome.FORGOTTEN, n_forget=127, forget_accuracy=0.0, target=5.0).verdict
+            'forgotten: 0.0% of 127 forget samples still recognised (target 5%)'
+            >>> Verification(Outcome.ROLLED_BACK, n_forget=9, forget_accuracy=100.0, guard_events=3).verdict
+            'NOT forgotten: rolled back to the original weights after 3 guard interventions'
+        """
+        share = (
+            f"{self.forget_accuracy:.1f}% of {self.n_forget} forget samples still recognised"
+            if self.forget_accuracy is not None
+            else f"{self.n_forget} forget samples, not measured"
+        )
+        target = f"target {self.target:g}%" if self.target is not None else "no target set"
+        if self.outcome is Outcome.FORGOTTEN:
+            return f"forgotten: {share} ({target})"
+        if self.outcome is Outcome.ROLLED_BACK and self.reason:
+            return f"NOT forgotten: rolled back to the original weights: {self.reason}"
+        if self.outcome is Outcome.ROLLED_BACK:
+            plural = "s" if self.guard_events != 1 else ""
+            events = f"{self.guard_events} guard intervention{plural}"
+            return f"NOT forgotten: rolled back to the original weights after {events}"
+        if self.outcome is Outcome.DIVERGED:
+            return "NOT forgotten: the run diverged and the original weights were restored"
+        passes = f" after {self.passes} pass{'es' if self.passes != 1 else ''}" if self.passes else ""
+        return f"NOT forgotten: {share}{passes} ({target})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the outcome as its string), with the verdict and the advice."""
+        out = asdict(self)
+        out["outcome"] = self.outcome.value
+        out["verdict"] = self.verdict
+        out["advice"] = self.outcome.advice
+        return out
+
+
+class JiTOutcomeWarning(UserWarning):
+    """The warning a front gives when a run's verified outcome is not ``forgotten`` (filter it by this category)."""
+
+
+class JiTUnlearningFailed(RuntimeError):
+    """Raised under ``strict=True`` when a run's outcome is not ``forgotten``, after the weights from before the run
+    were restored. :attr:`verification` holds the record."""
+
+    def __init__(self, verification: Verification) -> None:
+        self.verification = verification
+        super().__init__(f"{verification.verdict}. {verification.outcome.advice}")

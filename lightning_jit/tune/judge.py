@@ -1,0 +1,205 @@
+"""How a trial of :func:`~lightning_jit.tune.tune_jit` is measured (:class:`Judge`) and judged (:class:`Criterion`).
+
+* **Zero-shot** (the model and the forget set alone):
+
+  - ``task="class"`` (the forget set is whole classes): the forget set's accuracy must fall to the target; what is
+    kept is measured on *class probes* synthesised from the original model
+    (:func:`~lightning_jit.core.probes.synthesize_class_probes`), never on retained data;
+  - ``task="random"`` (a random sample of the training data): the forget set's mean confidence must come down to the
+    model's confidence on data it never saw (``unseen``, which the user gives), within a tolerance; the probes then
+    cover every class.
+
+* **Monitored**: with a ``monitor`` loader (held-out data the user owns), its accuracy replaces the probes, and a
+  trial whose accuracy falls more than ``max_drop`` points below the original model's is infeasible.
+
+In every mode a trial in which the collapse guard had to intervene, or that diverged, is infeasible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
+from lightning_jit.evaluation import predict_split, prediction_entropy
+from lightning_jit.tune.result import Mode, Task, Trial
+
+#: Outcomes of a run that ended with the weights from before it (the guard rolled it back, or it diverged).
+RESCUED_OUTCOMES = ("rolled_back", "diverged")
+#: Penalty (points) on the score of a trial the guard had to rescue, so that it ranks below every clean one.
+GUARD_PENALTY = 100.0
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """When a measured trial has met the target, whether it is feasible, and its score (higher is better).
+
+    Args:
+        task: ``"class"``: met when the forget accuracy is at most ``target_forget_accuracy``; ``"random"``: met when
+            the confidence gap is within ``confidence_tolerance`` points of zero.
+        target_forget_accuracy: The forgetting target, in percent (``task="class"``).
+        confidence_tolerance: How close the forget set's confidence must get to the unseen data's, in points
+            (``task="random"``).
+        max_drop: Monitored mode: the largest allowed fall of the monitor's accuracy below ``reference``, in points;
+            ``None``: zero-shot, no such limit.
+        reference: The original model's ``retain`` measurement (monitor accuracy or probe confidence), in percent.
+
+    A trial is infeasible when the collapse guard intervened in its run (``guard_events``), the run was rolled back or
+    diverged, or (monitored) the monitor fell more than ``max_drop`` points. The score is ``retain - shortfall`` in
+    points, where ``shortfall`` is how far the trial is from the target, less :data:`GUARD_PENALTY` when the guard
+    intervened.
+
+    Example:
+        >>> criterion = Criterion(task="class", target_forget_accuracy=5.0)
+        >>> trial = Trial(index=0, sigma=0.1, lr=0.03, n_perturbations=25)
+        >>> criterion.record(trial, {"forget_acc": 7.0, "forget_entropy": 0.5, "retain": 96.0}, "not_forgotten")
+        >>> trial.met, trial.feasible, trial.score
+        (False, True, 94.0)
+    """
+
+    task: Task = "class"
+    target_forget_accuracy: float = 5.0
+    confidence_tolerance: float = 2.0
+    max_drop: float | None = None
+    reference: float = math.nan
+
+    def shortfall(self, trial: Trial) -> float:
+        """How far ``trial`` is from the target, in points (0 when met; infinite when unmeasured)."""
+        value = trial.forget_acc - self.target_forget_accuracy if self.task == "class" else abs(trial.gap)
+        if self.task == "random":
+            value -= self.confidence_tolerance
+        return max(0.0, value) if math.isfinite(value) else math.inf
+
+    def judge(self, trial: Trial) -> None:
+        """Set ``trial.met``, ``trial.feasible`` and ``trial.score`` from its measurements and outcome."""
+        shortfall = self.shortfall(trial)
+        guard_ok = trial.guard_events == 0 and trial.outcome not in RESCUED_OUTCOMES
+        monitor_ok = self.max_drop is None or self.reference - trial.retain <= self.max_drop
+        trial.met = shortfall == 0.0
+        trial.feasible = guard_ok and monitor_ok
+        trial.score = trial.retain - shortfall - (0.0 if guard_ok else GUARD_PENALTY)
+
+    def record(
+        self, trial: Trial, measured: dict[str, float], outcome: str | None = None, guard_events: int | None = None
+    ) -> None:
+        """Store a measurement of ``trial`` (``forget_acc``, ``forget_entropy``, ``retain`` and, for
+        ``task="random"``, ``gap``) and, if given, how its run ended; judge it, and append it to ``trial.history``."""
+        if outcome is not None:
+            trial.outcome = str(outcome)
+        if guard_events is not None:
+            trial.guard_events = int(guard_events)
+        trial.forget_acc = float(measured["forget_acc"])
+        trial.forget_entropy = float(measured["forget_entropy"])
+        trial.retain = float(measured["retain"])
+        trial.gap = float(measured.get("gap", math.nan))
+        self.judge(trial)
+        trial.history.append({"epochs": float(trial.epochs_run), **measured, "score": trial.score})
+
+
+class Judge:
+    """Measures a model against the task and mode; holds what is fixed before the first trial (the probes and the
+    original model's measurements).
+
+    Args:
+        original: The model before unlearning. It is only evaluated (in eval mode, without gradients to its weights).
+        forget: The forget loader (labelled batches).
+        task: ``"class"`` or ``"random"``.
+        monitor: Monitored mode: a loader of labelled held-out batches; ``None``: zero-shot.
+        unseen: For ``task="random"``: labelled data the model never saw.
+        batch_format: How the forget batches are read (for the probes' shape and scale) and where the logits are.
+        probes_per_class: Zero-shot: probes synthesised per kept class.
+        seed: Seed of the probes.
+        target_forget_accuracy, confidence_tolerance, max_drop: As in :class:`Criterion`.
+
+    Raises:
+        MisconfigurationException: when ``task="class"`` and the forget set holds every class.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        forget: Iterable[Any],
+        *,
+        task: Task = "class",
+        monitor: Iterable[Any] | None = None,
+        unseen: Iterable[Any] | None = None,
+        batch_format: BatchFormat | None = None,
+        probes_per_class: int = 16,
+        seed: int = 0,
+        target_forget_accuracy: float = 5.0,
+        confidence_tolerance: float = 2.0,
+        max_drop: float = 2.0,
+    ) -> None:
+        self.forget, self.task, self.monitor, self.unseen = forget, task, monitor, unseen
+        self.batch_format = batch_format or BatchFormat()
+        self.selector = self.batch_format.output_selector
+        self.mode: Mode = "monitored" if monitor is not None else "zero-shot"
+        self.probes: tuple[Tensor, Tensor] | None = None
+        logits, labels = predict_split(original, forget, "forget", batch_format=self.batch_format)
+        num_classes = logits.shape[1]
+        if monitor is not None:
+            reference = _accuracy(*predict_split(original, monitor, "monitor", batch_format=self.batch_format))
+        else:
+            forgotten = set(labels.tolist())
+            kept = [c for c in range(num_classes) if task == "random" or c not in forgotten]
+            if not kept:
+                raise MisconfigurationException(
+                    f"The forget set holds every class ({num_classes}); `task='class'` needs classes to keep."
+                    " Use task='random' for a sample of the training data."
+                )
+            like = self.batch_format.forget_input(next(iter(forget)))
+            self.probes = synthesize_class_probes(
+                original,
+                kept,
+                like.to(_device_of(original)),
+                per_class=probes_per_class,
+                seed=seed,
+                output_selector=self.selector,
+            )
+            reference = probe_confidence(original, self.probes, self.selector)
+        self.criterion = Criterion(
+            task=task,
+            target_forget_accuracy=float(target_forget_accuracy),
+            confidence_tolerance=float(confidence_tolerance),
+            max_drop=float(max_drop) if monitor is not None else None,
+            reference=reference,
+        )
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """``forget_acc`` (%), ``forget_entropy`` (normalised to [0, 1]), ``retain`` (%: the monitor's accuracy or
+        the probe confidence) and, for ``task="random"``, ``gap`` (points) of ``model``."""
+        logits, labels = predict_split(model, self.forget, "forget", batch_format=self.batch_format)
+        out = {
+            "forget_acc": _accuracy(logits, labels),
+            "forget_entropy": float(prediction_entropy(logits).mean()) / max(math.log(logits.shape[1]), 1e-12),
+        }
+        if self.monitor is not None:
+            out["retain"] = _accuracy(*predict_split(model, self.monitor, "monitor", batch_format=self.batch_format))
+        else:
+            assert self.probes is not None
+            x, y = self.probes
+            out["retain"] = probe_confidence(model, (x.to(_device_of(model)), y), self.selector)
+        if self.task == "random":
+            assert self.unseen is not None
+            unseen_logits, _ = predict_split(model, self.unseen, "unseen", batch_format=self.batch_format)
+            out["gap"] = _confidence(logits) - _confidence(unseen_logits)
+        return out
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean() * 100.0)
+
+
+def _confidence(logits: Tensor) -> float:
+    return float(torch.softmax(logits, dim=1).max(dim=1).values.mean() * 100.0)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
