@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_defaults, bench_objective
+from benchmarks import bench_defaults, bench_fit, bench_objective
 from benchmarks.reference_port import reference_step
 from lightning_jit import jit_objective
 
@@ -37,6 +37,13 @@ def test_bench_defaults_tiny_run_times_both_settings():
     result = bench_defaults.main(["--rounds", "1", "--epochs", "1"])
     assert set(result) == {"plain JiT", "defaults", "ratio"}
     assert result["plain JiT"] > 0 and result["ratio"] == result["defaults"] / result["plain JiT"]
+
+
+@pytest.mark.slow
+def test_bench_fit_times_both_methods_on_every_case():
+    rows = bench_fit.main(["--rounds", "1"])
+    assert [(r["forget"], r["batch"]) for r in rows] == [(n, b) for _, n, b in bench_fit.CASES]
+    assert all(r["library_s"] > 0 and r["reference_s"] > 0 and r["outcomes"] for r in rows)
 
 
 def test_benchmark_compares_the_same_objective():
