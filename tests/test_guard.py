@@ -213,3 +213,32 @@ def test_monitor_without_labels_or_empty_is_a_clear_error(trained_cnn, digits):
     with pytest.raises(MisconfigurationException, match="`monitor` is empty"):
         _fit(JiTUnlearning(trained_cnn, sigma=0.1, lr=0.003, monitor=empty), _forget_loader(digits), 1)
     assert before.equals(trained_cnn)
+
+
+@pytest.mark.slow
+def test_probe_drift_catches_a_collapse_the_other_zero_shot_signals_miss():
+    """Sub-class forgetting on the coarse digits model with too large a step: the kept digits collapse while no logit
+    grows and no single class takes over, so only the class probes show it. Unguarded, the same run loses the kept
+    digits (measured independently on the test split); guarded, the probes' drift restores the original."""
+    import copy
+
+    from lightning_jit.demo.data import fine_digit_labels, load_digits_split, train_classifier
+
+    split = load_digits_split(coarse=True)
+    fine_train, fine_test = fine_digit_labels()
+    original = train_classifier(DigitsCNN, split.x_train, split.y_train, epochs=15, seed=0)
+    forget = fine_train == 3
+    loader = DataLoader(TensorDataset(split.x_train[forget], split.y_train[forget]), batch_size=32)
+    kept = (fine_test != 2) & (fine_test != 3)
+    settings = JiTSettings(sigma=0.1, lr=0.06, n_perturbations=25, epochs=40, logit_norm_sigma=0.5, seed=0)
+    before = accuracy(original, split.x_test[kept], split.y_test[kept])
+    results = {}
+    for guard in (False, True):
+        model = copy.deepcopy(original)
+        wrapper = JiTUnlearning(model, settings, guard=guard)
+        quiet_trainer(max_epochs=-1).fit(wrapper, loader)
+        results[guard] = (wrapper, accuracy(model, split.x_test[kept], split.y_test[kept]))
+    unguarded, guarded = results[False], results[True]
+    assert unguarded[1] < before - 30  # the collapse is real
+    assert [e.reason for e in guarded[0].run.guard_events][0] == "probe_drift"
+    assert guarded[0].outcome == "rolled_back" and guarded[1] == pytest.approx(before)  # the original, and said so

@@ -357,3 +357,19 @@ def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, di
     plain = run(0.0)
     pairs = zip(plain.state_dict().values(), unlearned.state_dict().values(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_a_model_in_train_mode_keeps_its_batchnorm_statistics(trained_bn_cnn, digits):
+    """Most models arrive in train mode (straight from training, or inside a training job): with the default
+    `norm_policy="eval"` no pass of the run, the step-size calibration included, may update BatchNorm's running
+    statistics; the model's modes are as they were after the fit."""
+    trained_bn_cnn.train()
+    before = {k: v.clone() for k, v in trained_bn_cnn.state_dict().items() if "running" in k or "num_batches" in k}
+    forget = class_mask(digits.y_train, [3])
+    wrapper = JiTUnlearning(trained_bn_cnn, seed=0)
+    quiet_trainer(max_epochs=-1).fit(
+        wrapper, forget_loader(TensorDataset(digits.x_train[forget], digits.y_train[forget]))
+    )
+    after = trained_bn_cnn.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(m.training for m in trained_bn_cnn.modules()) and wrapper.run.steps > 0

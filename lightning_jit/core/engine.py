@@ -424,6 +424,8 @@ class JiTRun:
         x = fmt.forget_input(batch)
         try:
             if self.check is not None and not self.check.begun:
+                if self.probes is not None:
+                    self.check.class_probes = (self.probes.probes, self.probes.targets.argmax(1))
                 with self.cost.kind("guard"):
                     self.check.begin(self.model, x, forward_context)
                 self._last_good = WeightSnapshot(self.model) if self.monitor is not None else self._pre_run
@@ -580,6 +582,8 @@ class JiTRun:
         self.window._items = [tuple(item) for item in state["window"]]
         self.cost.counts.update(state["cost"])
         self.check = CollapseCheck(self.guard, self.batch_format, self.monitor) if self.guard.enabled else None
+        if self.check is not None and self.probes is not None:
+            self.check.class_probes = (self.probes.probes, self.probes.targets.argmax(1))
         if self.check is not None and state["guard"] is not None:
             self.check.load_state_dict(state["guard"], device)
             if self.check.begun:
@@ -796,7 +800,8 @@ class JiTRun:
 
             def moved() -> float:
                 context = forward_context() if forward_context is not None else contextlib.nullcontext()
-                with torch.no_grad(), context, self.cost.kind("calibration"):
+                mode = normalization_mode(self.model, self.settings.norm_policy)  # as the clean pass it compares to
+                with torch.no_grad(), mode, context, self.cost.kind("calibration"):
                     after = self.batch_format.logits(forward(x), x.shape[0])
                 kl = torch.stack([kl_moved(before, after), torch.tensor(float(x.shape[0]), dtype=torch.float64)])
                 total = coll.sum(kl.to(device)) if coll.world_size > 1 else kl

@@ -47,8 +47,10 @@ class CollapseGuard:
       as probes, with ``n_noise_probes`` Gaussian inputs of that batch's mean and std. A check fails when the probes'
       mean logit norm exceeds ``max_logit_growth`` times its value before the run (``"logit_blowup"``), or when at
       least ``single_class_share`` of the noise probes (or of the forget probes) fall into one class where they did
-      not before (``"single_class"``). These signals lag behind the damage, so the guard then restores the weights
-      from **before the run**.
+      not before (``"single_class"``), or when the run holds class probes (``probe_distillation``) and the model
+      gives fewer than ``min_probe_agreement`` times as many of them the original's class as before the run
+      (``"probe_drift"``: the kept classes are being lost). These signals lag behind the damage, so the guard then
+      restores the weights from **before the run**.
 
     With ``on_collapse="halve_lr"`` the run then goes on at half the step size; after ``max_halvings`` halvings a
     further collapse stops it. A NaN or Inf in the outputs or weights is a divergence: the weights from before the run
@@ -63,6 +65,8 @@ class CollapseGuard:
         max_halvings: With ``"halve_lr"``: after this many halvings a further collapse stops the run.
         max_logit_growth: Without a monitor: the largest allowed growth factor of the probes' mean logit norm.
         single_class_share: Without a monitor: the share of probes predicted as one class that counts as a collapse.
+        min_probe_agreement: Without a monitor: the least share of the class probes that must keep the original's
+            class, relative to before the run.
         n_noise_probes: Without a monitor: how many noise probes to evaluate.
         probe_seed: Seed of the noise probes.
 
@@ -80,6 +84,7 @@ class CollapseGuard:
     max_halvings: int = field(default=5, metadata=integer(0))
     max_logit_growth: float = field(default=2.0, metadata={"check": _growth})
     single_class_share: float = field(default=0.95, metadata=in_range(0.0, 1.0, "The default is 0.95."))
+    min_probe_agreement: float = field(default=0.5, metadata=in_range(0.0, 1.0, "The default is 0.5."))
     n_noise_probes: int = field(default=32, metadata=integer(0))
     probe_seed: int = field(default=0, metadata=integer(0))
 
@@ -92,7 +97,7 @@ class GuardEvent:
     """One intervention of the guard: at which step, why, what it did, and the measurements behind it."""
 
     step: int
-    reason: str  # "monitor_drop", "logit_blowup", "single_class", "other_rank" or "non_finite"
+    reason: str  # "monitor_drop", "logit_blowup", "single_class", "probe_drift", "other_rank" or "non_finite"
     action: str  # "halve_lr", "stop" or "diverged"
     detail: dict[str, float] = field(default_factory=dict)
 
@@ -119,6 +124,8 @@ class CollapseCheck:
         self.halvings = 0
         self.checks = 0
         self._probes: tuple[Tensor, Tensor] | None = None
+        #: The run's class probes and the original's class for each (set by the engine when it holds probes).
+        self.class_probes: tuple[Tensor, Tensor] | None = None
 
     @property
     def begun(self) -> bool:
@@ -160,15 +167,20 @@ class CollapseCheck:
         fmt = self.batch_format
         out: dict[str, float] = {"non_finite": float(not weights_finite(model))}
         context = forward_context() if forward_context is not None else contextlib.nullcontext()
+        held = self.class_probes if self.monitor is None else None
         with normalization_mode(model, "eval"), context:
             logits = [fmt.logits(model(forget_x), forget_x.shape[0]).float()]
             if noise_x.shape[0]:
                 logits.append(fmt.logits(model(noise_x), noise_x.shape[0]).float())
+            if held is not None:
+                agreement = (fmt.logits(model(held[0]), held[0].shape[0]).argmax(1) == held[1]).float().mean()
         if not all(bool(t.isfinite().all()) for t in logits):
             out["non_finite"] = 1.0
         out["logit_norm"] = float(torch.cat([t.norm(dim=1) for t in logits]).mean())
         out["forget_share"] = _top_share(logits[0])
         out["noise_share"] = _top_share(logits[1]) if len(logits) > 1 else float("nan")
+        if held is not None:
+            out["probe_agreement"] = float(agreement)
         if self.monitor is not None:
             accuracy, finite = self._monitor_accuracy(model, forget_x)
             out["monitor_acc"] = accuracy
@@ -198,8 +210,8 @@ class CollapseCheck:
         return 100.0 * correct / total, finite
 
     def verdict(self, m: dict[str, float]) -> str | None:
-        """Why ``m`` is a collapse (``"non_finite"``, ``"monitor_drop"``, ``"logit_blowup"``, ``"single_class"``), or
-        ``None``."""
+        """Why ``m`` is a collapse (``"non_finite"``, ``"monitor_drop"``, ``"logit_blowup"``, ``"single_class"``,
+        ``"probe_drift"``), or ``None``."""
         if m["non_finite"]:
             return "non_finite"
         ref = self.reference
@@ -211,6 +223,11 @@ class CollapseCheck:
         for key in ("noise_share", "forget_share"):
             if ref[key] < share <= m[key]:  # NaN-safe: a missing probe group never triggers
                 return "single_class"
+        if (
+            "probe_agreement" in ref
+            and m.get("probe_agreement", 1.0) < self.guard.min_probe_agreement * ref["probe_agreement"]
+        ):
+            return "probe_drift"
         return None
 
     def describe(self, reason: str, measures: dict[str, float]) -> str:
@@ -222,6 +239,9 @@ class CollapseCheck:
             "logit_blowup": f"the probes' logit norm grew {measures['logit_norm'] / ref['logit_norm']:.2f}x"
             f" (limit {self.guard.max_logit_growth:g}x)",
             "single_class": "the model predicts one class for (almost) every probe",
+            "probe_drift": f"only {100 * measures.get('probe_agreement', float('nan')):.0f}% of the class probes keep"
+            f" the original's class (before the run: {100 * ref.get('probe_agreement', float('nan')):.0f}%; limit"
+            f" {self.guard.min_probe_agreement:g}x)",
         }.get(reason, "another process saw a collapse")
 
     def state_dict(self) -> dict[str, Any]:
