@@ -480,7 +480,7 @@ def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, t
         "--out",
         str(tmp_path / "tune"),
         "--n_configs",
-        "4",
+        "8",
         "--max_epochs",
         "6",
     ]

@@ -84,7 +84,7 @@ class CollapseGuard:
     max_halvings: int = field(default=5, metadata=integer(0))
     max_logit_growth: float = field(default=2.0, metadata={"check": _growth})
     single_class_share: float = field(default=0.95, metadata=in_range(0.0, 1.0, "The default is 0.95."))
-    min_probe_agreement: float = field(default=0.5, metadata=in_range(0.0, 1.0, "The default is 0.5."))
+    min_probe_agreement: float = field(default=0.8, metadata=in_range(0.0, 1.0, "The default is 0.8."))
     n_noise_probes: int = field(default=32, metadata=integer(0))
     probe_seed: int = field(default=0, metadata=integer(0))
 
