@@ -424,8 +424,7 @@ class JiTRun:
         x = fmt.forget_input(batch)
         try:
             if self.check is not None and not self.check.begun:
-                if self.probes is not None:
-                    self.check.class_probes = (self.probes.probes, self.probes.targets.argmax(1))
+                self._give_guard_the_probes()
                 with self.cost.kind("guard"):
                     self.check.begin(self.model, x, forward_context)
                 self._last_good = WeightSnapshot(self.model) if self.monitor is not None else self._pre_run
@@ -582,8 +581,7 @@ class JiTRun:
         self.window._items = [tuple(item) for item in state["window"]]
         self.cost.counts.update(state["cost"])
         self.check = CollapseCheck(self.guard, self.batch_format, self.monitor) if self.guard.enabled else None
-        if self.check is not None and self.probes is not None:
-            self.check.class_probes = (self.probes.probes, self.probes.targets.argmax(1))
+        self._give_guard_the_probes()
         if self.check is not None and state["guard"] is not None:
             self.check.load_state_dict(state["guard"], device)
             if self.check.begun:
@@ -1005,21 +1003,35 @@ class JiTRun:
             measured_against=measured_against,
         )
 
-    def _retain_accuracy(self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> float:
-        """The final weights' accuracy (percent) on the retain loader's samples the run held (read once at the start;
-        siblings of a forgotten label excluded), over all processes."""
-        assert self.retain is not None and self.retain.labels is not None
-        x, labels = self.retain.probes, self.retain.labels
+    def _give_guard_the_probes(self) -> None:
+        """Let the collapse guard watch the class probes the run holds, with the original's class of each."""
+        if self.check is not None and self.probes is not None:
+            self.check.class_probes = (self.probes.probes, self.probes.targets.argmax(1))
+
+    def _recognised(
+        self, x: Tensor, labels: Tensor, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None
+    ) -> tuple[float, float]:
+        """How many of the held samples ``x`` the current weights give their ``labels``, and how many there are, over
+        all processes (a no-grad pass in eval mode, :data:`~lightning_jit.core.calibration.MAX_BATCH` at a time,
+        counted as retain cost)."""
         context = forward_context() if forward_context is not None else contextlib.nullcontext()
         hits = torch.zeros(2, dtype=torch.float64, device=x.device)
         with torch.no_grad(), normalization_mode(self.model, "eval"), context, self.cost.kind("retain"):
             for i in range(0, x.shape[0], calibration.MAX_BATCH):
-                logits = self.batch_format.logits(self.model(x[i : i + calibration.MAX_BATCH]))
+                chunk = x[i : i + calibration.MAX_BATCH]
+                logits = self.batch_format.logits(self.model(chunk), chunk.shape[0])
                 hits[0] += (logits.argmax(1) == labels[i : i + calibration.MAX_BATCH]).sum()
-                hits[1] += logits.shape[0]
+                hits[1] += chunk.shape[0]
         if self.collectives.world_size > 1:
             hits = self.collectives.sum(hits)
-        return float(100.0 * hits[0] / hits[1]) if hits[1] > 0 else float("nan")
+        return float(hits[0]), float(hits[1])
+
+    def _retain_accuracy(self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> float:
+        """The final weights' accuracy (percent) on the retain loader's samples the run held (read once at the start;
+        siblings of a forgotten label excluded), over all processes."""
+        assert self.retain is not None and self.retain.labels is not None
+        hits, n = self._recognised(self.retain.probes, self.retain.labels, forward_context)
+        return 100.0 * hits / n if n > 0 else float("nan")
 
     def _check_siblings(
         self,
@@ -1030,17 +1042,12 @@ class JiTRun:
         recognised, the forgetting took the whole label with it. The weights from before the run are restored and
         the outcome is ``rolled_back``, with the reason."""
         assert self.siblings is not None and self._pre_run is not None
-        x, labels = self.siblings
-        context = forward_context() if forward_context is not None else contextlib.nullcontext()
-        with torch.no_grad(), normalization_mode(self.model, "eval"), context, self.cost.kind("retain"):
-            lost = (self.batch_format.logits(self.model(x), x.shape[0]).argmax(1) != labels).sum().double()
-        if self.collectives.world_size > 1:
-            lost = self.collectives.sum(lost)
-        if float(lost) == 0:
+        hits, n = self._recognised(*self.siblings, forward_context)
+        if hits == n:
             return verification
         self._pre_run.restore(self.model)
         reason = (
-            f"{int(lost)} of {x.shape[0]} retained sample(s) of the forgotten label(s) were no longer recognised,"
+            f"{int(n - hits)} of {int(n)} retained sample(s) of the forgotten label(s) were no longer recognised,"
             " so the forgetting took the whole label with it (sub-class forgetting)"
         )
         return dataclasses.replace(verification, outcome=Outcome.ROLLED_BACK, reason=reason)
