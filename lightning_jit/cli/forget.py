@@ -42,6 +42,9 @@ class ForgetSet:
         batch_size: Batch size of the forget loader built for ``classes``, ``indices`` and ``ids_file`` (a loader
             given by the datamodule keeps its own). ``None``: as :func:`~lightning_jit.lightning.data.forget_loader`
             batches it, the way the calibrated defaults were measured (a few shuffled batches per pass).
+        heldout: Name of a datamodule method that returns labelled data the model never trained on, e.g.
+            ``val_dataloader``. A request that names individual samples is verified against it (the wrapper's
+            ``monitor=``); without it such a request is a usage error.
 
     Example:
         >>> ForgetSet(classes=[3]).selector()
@@ -53,6 +56,7 @@ class ForgetSet:
     ids_file: str | None = None
     loader: str | None = None
     batch_size: int | None = None
+    heldout: str | None = None
 
     def selector(self) -> str | None:
         """The one selection given (``"classes"``, ...), or ``None``; raise :class:`JiTUsageError` for several."""
@@ -77,6 +81,21 @@ class ForgetSet:
             read_ids_file(self.ids_file)
         elif selector == "loader" and not str(self.loader).isidentifier():
             raise JiTUsageError("--forget.loader", f"must be the name of a datamodule method, got {self.loader!r}.")
+        if self.heldout is not None and not str(self.heldout).isidentifier():
+            raise JiTUsageError("--forget.heldout", f"must be the name of a datamodule method, got {self.heldout!r}.")
+
+    def heldout_loader(self, datamodule: Any) -> Any:
+        """The held-out loader named by ``heldout`` (``None`` when none is named)."""
+        if self.heldout is None:
+            return None
+        method = getattr(datamodule, self.heldout, None)
+        if not callable(method):
+            raise JiTUsageError(
+                "--forget.heldout",
+                f"the datamodule has no method {self.heldout!r}; name one that returns held-out labelled data, e.g."
+                " val_dataloader.",
+            )
+        return method()
 
 
 def read_ids_file(path: str | os.PathLike) -> list[int]:

@@ -27,7 +27,7 @@ from lightning_jit.cli.forget import ForgetSet, select_forget_loader
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
-from lightning_jit.core.outcome import JiTUnlearningFailed
+from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.io import atomic_torch_save, file_sha256, json_safe
 from lightning_jit.lightning.module import JiTUnlearning
@@ -114,7 +114,8 @@ class JiTTrainer(pl.Trainer):
             f" ({forget.selector() or 'datamodule hook'}) from {ckpt_path or 'the in-memory model'}."
         )
 
-        wrapper = JiTUnlearning(model, jit, batch_format=batch, guard=guard)
+        heldout = forget.heldout_loader(datamodule)
+        wrapper = JiTUnlearning(model, jit, batch_format=batch, guard=guard, monitor=heldout)
         if self.fit_loop.max_epochs is None and self.max_steps == -1:
             self.fit_loop.max_epochs = jit.epochs  # the wrapper stops after `epochs`; avoid Lightning's 1000 default
         try:
@@ -140,6 +141,12 @@ class JiTTrainer(pl.Trainer):
             "skipped_steps": wrapper.skipped_steps,
         }
         assert verification is not None
+        if verification.outcome is Outcome.UNVERIFIABLE:  # the run made no update
+            raise JiTUsageError(
+                "--forget.heldout",
+                "the forget set names individual samples, which are verified against held-out data the model never"
+                " trained on: name the datamodule method that returns it, e.g. --forget.heldout=val_dataloader.",
+            )
         succeeded = verification.outcome.succeeded
         target = output if succeeded else unverified_path(output)
         if self.is_global_zero and (succeeded or keep_unverified):

@@ -29,6 +29,7 @@ KINDS = (
     "stopping_rule",
     "guard",
     "verification",
+    "heldout",
     "other",
 )
 

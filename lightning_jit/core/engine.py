@@ -43,6 +43,7 @@ from lightning_jit.core.calibration import ForgetSurvey, calibrate_step, kl_move
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
+from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
 from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty, redistribution_loss
@@ -56,6 +57,12 @@ from lightning_jit.core.state import (
     weights_finite,
 )
 from lightning_jit.core.step import NormalizedStep, make_optimizer
+
+#: Why a sample request without held-out data ends ``unverifiable``.
+UNVERIFIABLE_REASON = (
+    "a request that names individual samples is verified against held-out data the model never trained on, and none"
+    " was given: pass `monitor=` a labelled loader such as your validation split"
+)
 
 #: Consecutive steps with a non-finite loss (or, without a ``GradScaler``, non-finite gradients) after which a run is
 #: declared diverged. A single such step is an isolated overflow: it is skipped and the run goes on.
@@ -181,7 +188,10 @@ class JiTRun:
         settings: The JiT settings; those left to ``None`` are calibrated at :meth:`start`.
         batch_format: How to read the forget (and monitor) batches and the model's output.
         guard: The collapse guard's settings (``CollapseGuard(enabled=False)`` turns it off).
-        monitor: Held-out labelled batches for the guard (never used for gradients).
+        monitor: Held-out labelled batches the model never trained on (a validation split), never used for
+            gradients: the guard watches their accuracy, and a sample request (``task="random"``) is verified against
+            them (:mod:`lightning_jit.core.membership`). Without them a sample request cannot be verified: the run
+            does no work and ends ``unverifiable``.
         retain: Optional batches of samples the user keeps: the model's predictions on them are held at the
             original's (``settings.retain_distillation``). Never required.
         original: The model whose outputs the retain terms hold (default: ``model`` as it is at :meth:`start`).
@@ -252,6 +262,11 @@ class JiTRun:
         self._nonfinite_streak = 0
         self._pre_run: WeightSnapshot | None = None
         self._last_good: WeightSnapshot | None = None
+        #: A sample request without held-out data: nothing can be verified, so the run does no work.
+        self.unverifiable = False
+        #: The held-out test on the original weights, for a sample request (see :meth:`_prepare_sample_request`).
+        self.sample_test_before: SampleTest | None = None
+        self._nothing_to_do = False
 
     # ------------------------------------------------------------------------------------------------------------------
     # What the run resolves at its start
@@ -267,6 +282,12 @@ class JiTRun:
         if self.settings.target_forget_accuracy is not None:
             return self.settings.target_forget_accuracy
         return calibration.CLASS_TARGET if self.task == "class" else None
+
+    @property
+    def is_sample_request(self) -> bool:
+        """Whether the run forgets individual samples (``task="random"`` with no forget-accuracy target): its
+        outcome is then the held-out test's (:mod:`lightning_jit.core.membership`)."""
+        return self.task == "random" and self.target is None
 
     @property
     def sigma(self) -> float:
@@ -326,6 +347,8 @@ class JiTRun:
             raise JiTSettingError("sigma", "cannot be calibrated without the forget set: give `sigma` or `forget`.")
         self.calibrated.setdefault("task", self.task)
         self.calibrated["target_forget_accuracy"] = self.target
+        if self.is_sample_request:
+            self._prepare_sample_request()
         if self.retain is not None and self.task == "class" and self.calibrated.get("classes"):
             self.siblings = self.retain.hold_out(self.calibrated["classes"])
             if self.siblings is not None:
@@ -419,6 +442,9 @@ class JiTRun:
         """
         if self._pre_run is None:
             raise RuntimeError("JiTRun.step() before start(), or after finish().")
+        if self.unverifiable or self._nothing_to_do:
+            # Settled at the start (no held-out data, or the held-out test already passes): no update.
+            return StepReport(loss=torch.zeros(()), applied=False, count=0, stop=True)
         forward = forward if forward is not None else self.model
         fmt = self.batch_format
         x = fmt.forget_input(batch)
@@ -489,7 +515,11 @@ class JiTRun:
         if self.check is not None and self.check.begun and self.steps % self.guard.check_every != 0:
             self._guard_check(optimizer, forward_context, final=True)
         # An error or an interruption up to here leaves the run unfinished: the front's `abort` restores the weights.
-        verification = self._outcome(self._measure_forget(forward_context, "verification"))
+        measured = self._measure_forget(forward_context, "verification")
+        sample = None
+        if self.is_sample_request and not self.unverifiable:
+            sample = self.sample_test_before if self._nothing_to_do else self._sample_test(forward_context)
+        verification = self._outcome(measured, sample)
         if verification.outcome is Outcome.FORGOTTEN and self.siblings is not None:
             verification = self._check_siblings(verification, forward_context)
         if self.retain is not None and self.retain.labels is not None:
@@ -1052,18 +1082,25 @@ class JiTRun:
         )
         return dataclasses.replace(verification, outcome=Outcome.ROLLED_BACK, reason=reason)
 
-    def _outcome(self, measured: Verification) -> Verification:
-        """The outcome the measurement supports, with the run's figures, settings and cost in one record."""
+    def _outcome(self, measured: Verification, sample: SampleTest | None = None) -> Verification:
+        """The outcome the measurement (and, for a sample request, the held-out test) supports, with the run's
+        figures, settings and cost in one record."""
         target, accuracy = measured.target, measured.forget_accuracy
         guard_events = len(self.guard_events)
+        reason = None
         if self.diverged:
             outcome = Outcome.DIVERGED
-        elif target is not None and accuracy is not None and accuracy <= target:
+        elif self.unverifiable:
+            outcome, reason = Outcome.UNVERIFIABLE, UNVERIFIABLE_REASON
+        elif sample is not None and sample.passed:
+            outcome = Outcome.FORGOTTEN
+        elif sample is None and target is not None and accuracy is not None and accuracy <= target:
             outcome = Outcome.FORGOTTEN
         elif guard_events and self._pre_run is not None and self._pre_run.equals(self.model):
             outcome = Outcome.ROLLED_BACK
         else:
             outcome = Outcome.NOT_FORGOTTEN
+            reason = sample.failure if sample is not None else None
         n = self.survey.n if self.survey is not None else measured.n_forget
         return Verification(
             outcome=outcome,
@@ -1078,7 +1115,83 @@ class JiTRun:
             cost=self.cost.report(n or None, self.settings.n_perturbations),
             settings={**self.settings.hparams(), **self.batch_format.hparams()},
             extra={"calibrated": dict(self.calibrated), "bound_reached": self.bound_reached},
+            reason=reason,
+            heldout_test=sample.as_dict() if sample is not None else None,
         )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sample requests: the held-out test
+    # ------------------------------------------------------------------------------------------------------------------
+    def _prepare_sample_request(self) -> None:
+        """Before any update of a sample request: without held-out data it cannot be verified, so the run settles
+        as ``unverifiable`` and does no work; with it, the held-out test runs on the original weights, and if the
+        forget samples already look like held-out data there is nothing to undo."""
+        if self.monitor is None:
+            self.unverifiable = True  # the fronts say so: the wrapper raises under `strict`, the callback once
+            return
+        self.sample_test_before = self._sample_test(None)
+        self.calibrated["heldout_test_before"] = self.sample_test_before.as_dict()
+        self._nothing_to_do = self.sample_test_before.passed
+
+    def _sample_test(self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> SampleTest:
+        """The held-out test on the current weights: per-sample losses and hits of the forget set and of the
+        held-out (``monitor``) data, over all processes."""
+        assert self.forget is not None and self.monitor is not None
+        original = self._pre_run.state if self._pre_run is not None else None
+        forget_loss, forget_hits = self._per_sample(self.forget, "forget", forward_context, original)
+        heldout_loss, heldout_hits = self._per_sample(self.monitor, "monitor", forward_context, None)
+        return sample_test(forget_loss, forget_hits, heldout_loss, heldout_hits)
+
+    @torch.no_grad()
+    def _per_sample(
+        self,
+        batches: Iterable[Any],
+        name: str,
+        forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+        original: dict[str, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Each sample's loss (cross-entropy of its label) and whether it is given its label, in eval mode (a
+        no-grad pass booked as ``heldout``), gathered over the processes. Forget batches without labels are measured
+        against the original's predictions (``original``: its weights)."""
+        fmt, device = self.batch_format, self._device()
+        losses, hits = [], []
+        with normalization_mode(self.model, "eval"), self.cost.kind("heldout"):
+            for batch in batches:
+                batch = _to_device(batch, device)
+                if name == "forget":
+                    x, labels = fmt.forget_input(batch), fmt.labels(batch)
+                else:
+                    x, labels = fmt.input_and_labels(batch, name)
+                if self.collectives.split == "shard":
+                    x, labels = self._shard_pair(x, labels)
+                if x.shape[0] == 0:
+                    continue
+                context = forward_context() if forward_context is not None else contextlib.nullcontext()
+                with context:
+                    logits = fmt.logits(self.model(x), x.shape[0]).float()
+                    if labels is None:
+                        if original is None:
+                            raise JiTInputError(f"The {name} batches carry no labels; the held-out test needs them.")
+                        labels = fmt.logits(torch.func.functional_call(self.model, original, (x,))).argmax(1)
+                labels = labels.to(logits.device).long()
+                losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
+                hits.append((logits.argmax(1) == labels).double())
+        loss = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64, device=device)
+        hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64, device=device)
+        return self._gather(loss), self._gather(hit).bool()
+
+    def _gather(self, values: Tensor) -> Tensor:
+        """Every process's ``values`` (1-D), concatenated in rank order, on every process (through ``sum``)."""
+        coll = self.collectives
+        if coll.world_size <= 1:
+            return values
+        counts = torch.zeros(coll.world_size, dtype=torch.float64, device=values.device)
+        counts[coll.rank] = values.numel()
+        counts = coll.sum(counts)
+        offset = int(counts[: coll.rank].sum())
+        out = torch.zeros(int(counts.sum()), dtype=torch.float64, device=values.device)
+        out[offset : offset + values.numel()] = values.double()
+        return coll.sum(out)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Helpers

@@ -22,6 +22,8 @@ class Outcome(str, Enum):
     * ``rolled_back``: the collapse guard restored the weights from before the run and stopped it: the model is the
       original.
     * ``diverged``: the run diverged; the weights from before the run were restored and an error was raised.
+    * ``unverifiable``: a request that names individual samples came without held-out data to verify it against
+      (``monitor=``); the run made no update. Not a failure of the method: give held-out data and ask again.
 
     Example:
         >>> Outcome.FORGOTTEN.succeeded, Outcome("rolled_back").succeeded
@@ -34,6 +36,7 @@ class Outcome(str, Enum):
     NOT_FORGOTTEN = "not_forgotten"
     ROLLED_BACK = "rolled_back"
     DIVERGED = "diverged"
+    UNVERIFIABLE = "unverifiable"
 
     @property
     def succeeded(self) -> bool:
@@ -60,6 +63,10 @@ _ADVICE = {
         " tell forgetting from damage, or search the settings with `lightning-jit tune`."
     ),
     Outcome.DIVERGED: "The model is the original. Try a smaller `lr` or a larger `sigma`, or let them be calibrated.",
+    Outcome.UNVERIFIABLE: (
+        "The model is unchanged. Give `monitor=` a labelled loader of data the model never trained on (your"
+        " validation split), and the request is verified against it."
+    ),
 }
 
 
@@ -83,7 +90,11 @@ class Verification:
         cost: Samples through the model by kind (see :mod:`lightning_jit.core.cost`).
         settings: The settings of the run (calibrated values included).
         extra: Anything a front adds (e.g. the checkpoint's sha256).
-        reason: Why the run was rolled back, when not by the guard.
+        reason: Why the run was rolled back when not by the guard, why a sample request failed its held-out test,
+            or why it could not be verified.
+        heldout_test: A sample request's held-out test on the final weights
+            (:class:`~lightning_jit.core.membership.SampleTest` as a dict): the sizes, both accuracies, the membership
+            AUC with its interval, the p-values and the gaps these sizes can detect.
     """
 
     outcome: Outcome
@@ -100,6 +111,7 @@ class Verification:
     settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    heldout_test: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str:
@@ -111,6 +123,10 @@ class Verification:
             >>> Verification(Outcome.ROLLED_BACK, n_forget=9, forget_accuracy=100.0, guard_events=3).verdict
             'NOT forgotten: rolled back to the original weights after 3 guard interventions'
         """
+        if self.heldout_test is not None and self.outcome in (Outcome.FORGOTTEN, Outcome.NOT_FORGOTTEN):
+            return _sample_verdict(self.outcome, self.heldout_test, self.reason)
+        if self.outcome is Outcome.UNVERIFIABLE:
+            return f"NOT verified: {self.n_forget} forget samples; {self.reason}"
         share = (
             f"{self.forget_accuracy:.1f}% of {self.n_forget} forget samples still recognised"
             if self.forget_accuracy is not None
@@ -137,6 +153,33 @@ class Verification:
         out["verdict"] = self.verdict
         out["advice"] = self.outcome.advice
         return out
+
+
+def _sample_verdict(outcome: Outcome, test: dict[str, Any], reason: str | None) -> str:
+    """The verdict of a sample request: the held-out comparison and what these sizes can detect.
+
+    Example:
+        >>> test = dict(n_forget=10, n_heldout=300, forget_accuracy=90.0, heldout_accuracy=92.0, accuracy_p=0.6,
+        ...             detectable_accuracy_gap=16.8, auc=0.55, auc_low=0.4, auc_high=0.7, auc_p=0.6,
+        ...             detectable_auc_gap=0.18)
+        >>> _sample_verdict(Outcome.FORGOTTEN, test, None)  # doctest: +NORMALIZE_WHITESPACE
+        'forgotten: the 10 forget samples are indistinguishable from 300 held-out samples (forget 90.0% vs held-out
+        92.0% accurate, p=0.6; membership AUC 0.55 [0.40, 0.70], p=0.6; at these sizes only an accuracy gap of 16.8
+        points or an AUC gap of 0.18 would show)'
+    """
+    figures = (
+        f"forget {test['forget_accuracy']:.1f}% vs held-out {test['heldout_accuracy']:.1f}% accurate,"
+        f" p={test['accuracy_p']:.2g}; membership AUC {test['auc']:.2f} [{test['auc_low']:.2f},"
+        f" {test['auc_high']:.2f}], p={test['auc_p']:.2g}"
+    )
+    power = (
+        f"at these sizes only an accuracy gap of {test['detectable_accuracy_gap']:.1f} points or an AUC gap of"
+        f" {test['detectable_auc_gap']:.2f} would show"
+    )
+    sizes, heldout = f"{test['n_forget']} forget samples", f"{test['n_heldout']} held-out samples"
+    if outcome is Outcome.FORGOTTEN:
+        return f"forgotten: the {sizes} are indistinguishable from {heldout} ({figures}; {power})"
+    return f"NOT forgotten: the {sizes} still differ from {heldout}: {reason} ({figures})"
 
 
 class JiTOutcomeWarning(UserWarning):

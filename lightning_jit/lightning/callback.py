@@ -175,7 +175,10 @@ class JiTUnlearningCallback(Callback):
             ``batch_to_input``, batches that are not dicts are passed to it unchanged, and the noise comes from a
             generator seeded with ``seed`` instead of being keyed by id.
         guard: The collapse guard, as in :class:`~lightning_jit.lightning.module.JiTUnlearning`.
-        monitor: Optional held-out labelled loader for the guard (never used for gradients).
+        monitor: Optional labelled loader of held-out data the model never trained on (e.g. the validation
+            split), never used for gradients: the guard watches its accuracy, and a request that names individual
+            samples is verified against it (:mod:`lightning_jit.core.membership`). Without it such a request is
+            recorded as unverifiable and its ids are not retried until a monitor is given.
         retain: Optional loader of samples the job keeps, as in :class:`~lightning_jit.lightning.module.JiTUnlearning`.
         audit_path: The audit file (default: ``jit_audit.jsonl`` next to the checkpoints).
         checkpoint_filename: File name of the checkpoint saved after each run that forgot something, in the first
@@ -294,6 +297,12 @@ class JiTUnlearningCallback(Callback):
             raise MisconfigurationException(
                 "The LightningModule has no trainable parameters (all have requires_grad=False), so JiT cannot change"
                 " it. Unfreeze the layers JiT should update."
+            )
+        if self.monitor is None:
+            rank_zero_info(
+                "JiTUnlearningCallback: no `monitor=` held-out data, so a request that names individual samples (not"
+                " whole classes) cannot be verified: its ids are recorded as unverifiable, the model is left"
+                " unchanged, and they are retried once a `monitor=` loader (e.g. the validation split) is given."
             )
         if isinstance(self.forget, (DataLoader, Dataset)):
             # A fixed forget set is checked now, before any training or weight change.
@@ -444,7 +453,7 @@ class JiTUnlearningCallback(Callback):
         else:
             forget = self._resolve(source)
         requested = list(forget.ids) if forget is not None else []
-        pending_ids = self.ledger.pending(requested)
+        pending_ids = self.ledger.pending(requested, retry_unverifiable=self.monitor is not None)
         pending_keys = {id_key(i) for i in pending_ids}
         indices = [k for k, i in enumerate(requested) if id_key(i) in pending_keys]
 
@@ -478,6 +487,7 @@ class JiTUnlearningCallback(Callback):
         }
         checkpoint = None
         verified: list[SampleId] = []
+        unverifiable: list[SampleId] = []
         if pending_ids:
             assert forget is not None
             rank_zero_info(
@@ -490,6 +500,13 @@ class JiTUnlearningCallback(Callback):
                 verified = pending_ids
                 checkpoint = self._checkpoint_path(trainer)
                 rank_zero_info(f"JiT: {record['verification']['verdict']}.")
+            elif record["outcome"] == Outcome.UNVERIFIABLE.value:
+                # Said once at set-up; the ids are not retried at every job, only once a `monitor=` is given.
+                unverifiable = pending_ids
+                rank_zero_info(
+                    f"JiT: {len(pending_ids)} id(s) of a sample request recorded as unverifiable (no held-out data);"
+                    " the model is unchanged."
+                )
             else:
                 rank_zero_warn(
                     f"JiT: {record['verification']['verdict']}. The {len(pending_ids)} id(s) stay pending and are"
@@ -505,7 +522,8 @@ class JiTUnlearningCallback(Callback):
         record["time_end"] = utc_now()
         record["versions"] = environment_versions()
         record["audit_path"] = str(self._audit_path(trainer))
-        record = self.ledger.add_run(record, forgotten=verified)
+        record["counts"]["unverifiable"] = len(unverifiable)
+        record = self.ledger.add_run(record, forgotten=verified, unverifiable=unverifiable)
         if checkpoint is not None:
             trainer.save_checkpoint(checkpoint)  # every rank calls it; it ends with a barrier
         if trainer.is_global_zero:

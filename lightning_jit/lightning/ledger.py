@@ -164,8 +164,10 @@ def environment_versions() -> dict[str, str]:
 class DeletionLedger:
     """Which sample ids have been forgotten, in which run and when, and the record of every run.
 
-    ``forgotten`` maps :func:`id_key` of each forgotten id to ``{"id", "run", "time"}``; ``runs`` holds one record
-    (a JSON-serialisable dict with ids, counts, settings and metrics) per run of the hook, in order.
+    ``forgotten`` maps :func:`id_key` of each forgotten id to ``{"id", "run", "time"}``; ``unverifiable`` does the
+    same for the ids of sample requests that came without held-out data to verify them against (they are not retried
+    until there is some); ``runs`` holds one record (a JSON-serialisable dict with ids, counts, settings and metrics)
+    per run of the hook, in order.
 
     Example:
         >>> ledger = DeletionLedger()
@@ -178,10 +180,14 @@ class DeletionLedger:
         >>> restored.load_state_dict(ledger.state_dict())
         >>> restored.pending([1, 2, 3])
         [3]
+        >>> _ = restored.add_run({"ids": [3]}, forgotten=[], unverifiable=[3])
+        >>> restored.pending([1, 2, 3]), restored.pending([1, 2, 3], retry_unverifiable=True)
+        ([], [3])
     """
 
     def __init__(self) -> None:
         self.forgotten: dict[str, dict[str, Any]] = {}
+        self.unverifiable: dict[str, dict[str, Any]] = {}
         self.runs: list[dict[str, Any]] = []
 
     def __len__(self) -> int:
@@ -190,22 +196,39 @@ class DeletionLedger:
     def is_forgotten(self, value: SampleId) -> bool:
         return id_key(value) in self.forgotten
 
-    def pending(self, ids: Iterable[SampleId]) -> list[SampleId]:
-        """The ids not forgotten yet, in their order."""
-        return [i for i in ids if id_key(i) not in self.forgotten]
+    def is_unverifiable(self, value: SampleId) -> bool:
+        return id_key(value) in self.unverifiable
 
-    def add_run(self, record: dict[str, Any], forgotten: Sequence[SampleId]) -> dict[str, Any]:
-        """Append a run's record (given its run index) and mark ``forgotten`` as forgotten at the record's time."""
+    def pending(self, ids: Iterable[SampleId], retry_unverifiable: bool = False) -> list[SampleId]:
+        """The ids not forgotten yet, in their order; those recorded as unverifiable only with
+        ``retry_unverifiable`` (held-out data is now at hand)."""
+        done = self.forgotten if retry_unverifiable else {**self.forgotten, **self.unverifiable}
+        return [i for i in ids if id_key(i) not in done]
+
+    def add_run(
+        self, record: dict[str, Any], forgotten: Sequence[SampleId], unverifiable: Sequence[SampleId] = ()
+    ) -> dict[str, Any]:
+        """Append a run's record (given its run index), mark ``forgotten`` as forgotten and ``unverifiable`` as
+        unverifiable at the record's time."""
         record = dict(record)
         record["run"] = len(self.runs)
         record.setdefault("time", utc_now())
         for value in forgotten:
-            self.forgotten[id_key(value)] = {"id": value, "run": record["run"], "time": record["time"]}
+            entry = {"id": value, "run": record["run"], "time": record["time"]}
+            self.forgotten[id_key(value)] = entry
+            self.unverifiable.pop(id_key(value), None)
+        for value in unverifiable:
+            self.unverifiable[id_key(value)] = {"id": value, "run": record["run"], "time": record["time"]}
         self.runs.append(record)
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": LEDGER_VERSION, "forgotten": copy.deepcopy(self.forgotten), "runs": copy.deepcopy(self.runs)}
+        return {
+            "version": LEDGER_VERSION,
+            "forgotten": copy.deepcopy(self.forgotten),
+            "unverifiable": copy.deepcopy(self.unverifiable),
+            "runs": copy.deepcopy(self.runs),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version = state.get("version")
@@ -215,6 +238,7 @@ class DeletionLedger:
                 f" {LEDGER_VERSION}."
             )
         self.forgotten = copy.deepcopy(dict(state["forgotten"]))
+        self.unverifiable = copy.deepcopy(dict(state.get("unverifiable", {})))  # ledgers written before 0.3 had none
         self.runs = copy.deepcopy(list(state["runs"]))
 
 

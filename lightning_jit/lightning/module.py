@@ -71,8 +71,11 @@ class JiTUnlearning(pl.LightningModule):
         guard: The collapse guard: ``True`` (default), ``False``, or a configured
             :class:`~lightning_jit.core.guard.CollapseGuard`; its fields (``check_every``, ``on_collapse``,
             ``max_drop``...) may be keyword arguments too.
-        monitor: Optional held-out loader of labelled batches the user owns (e.g. retained-class test data), for the
-            guard. It is only evaluated, never used for gradients.
+        monitor: Optional loader of labelled held-out data the model never trained on (e.g. the validation split).
+            It is only evaluated, never used for gradients: the guard watches its accuracy, and a request that names
+            individual samples (``task="random"``) is verified against it: the forget samples must be
+            indistinguishable from it (:mod:`lightning_jit.core.membership`). Without it such a request cannot be
+            verified: the run makes no update and ends ``unverifiable`` (``strict=True`` raises before any step).
         retain: Optional loader of samples you keep (a validation split, a small sample of the training data). Never
             required: without it the run is zero-shot. With it, the model's predictions on them are held at the
             original's (``retain_distillation``). Its first ``MAX_RETAIN`` inputs are read once.
@@ -249,6 +252,8 @@ class JiTUnlearning(pl.LightningModule):
             self._resume_state = None
         else:
             self.run.start(self._forget_batches(), self.trainer.precision_plugin.forward_context)
+        if self.run.unverifiable and self.strict:  # a sample request without held-out data: say so before any step
+            self.run.finish(strict=True)
 
     def _forget_batches(self) -> Iterable[Any]:
         """The forget set as one pass of the Trainer reads it: ``limit_train_batches`` bounds the calibration survey

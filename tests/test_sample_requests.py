@@ -1,0 +1,176 @@
+"""Sample requests: the held-out test against hand computations, and its verdict in every front on real digits."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _utils import quiet_trainer
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_jit import JiTUnlearning, JiTUnlearningCallback, JiTUnlearningFailed, Outcome
+from lightning_jit.core.membership import membership_auc, sample_test
+from lightning_jit.core.outcome import JiTOutcomeWarning
+from lightning_jit.core.state import WeightSnapshot
+
+# ---------------------------------------------------------------------------------------------------- the test itself
+
+
+def test_membership_auc_is_sklearns_roc_auc_of_the_negated_loss_ties_included():
+    g = torch.Generator().manual_seed(0)
+    forget = torch.randint(0, 20, (37,), generator=g).double() / 10  # many ties, within and across the sides
+    heldout = torch.randint(0, 25, (211,), generator=g).double() / 10
+    labels = np.r_[np.ones(37), np.zeros(211)]
+    want = roc_auc_score(labels, -np.r_[forget.numpy(), heldout.numpy()])
+    assert membership_auc(forget, heldout) == pytest.approx(want, abs=1e-12)
+
+
+def test_the_auc_interval_matches_a_bootstrap():
+    g = torch.Generator().manual_seed(1)
+    forget, heldout = torch.rand(150, generator=g) * 0.8, torch.rand(400, generator=g)
+    hits_f, hits_h = torch.ones(150, dtype=torch.bool), torch.ones(400, dtype=torch.bool)
+    test = sample_test(forget, hits_f, heldout, hits_h)
+    rng = np.random.default_rng(0)
+    f, h = forget.numpy(), heldout.numpy()
+    boot = [
+        membership_auc(torch.from_numpy(rng.choice(f, len(f))), torch.from_numpy(rng.choice(h, len(h))))
+        for _ in range(1000)
+    ]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    assert test.auc_low == pytest.approx(low, abs=0.015) and test.auc_high == pytest.approx(high, abs=0.015)
+    assert test.auc_p < test.alpha and not test.passed  # 0.8-scaled losses: the forget side looks like members
+
+
+def test_detectable_gaps_are_the_null_standard_errors_at_these_sizes():
+    test = sample_test(torch.rand(10), torch.ones(10, dtype=torch.bool), torch.rand(90), torch.rand(90) < 0.9)
+    z = 1.959963984540054
+    assert test.detectable_auc_gap == pytest.approx(z * math.sqrt((10 + 90 + 1) / (12 * 10 * 90)))
+    pooled = (10 + int((test.heldout_accuracy / 100) * 90 + 0.5)) / 100
+    assert test.detectable_accuracy_gap == pytest.approx(100 * z * math.sqrt(pooled * (1 - pooled) * (1 / 10 + 1 / 90)))
+
+
+def test_the_test_is_two_sided_an_over_forgotten_set_fails():
+    g = torch.Generator().manual_seed(2)
+    heldout = torch.rand(500, generator=g)
+    over = sample_test(heldout[:100] + 3.0, torch.zeros(100, dtype=torch.bool), heldout, torch.rand(500) < 0.9)
+    assert not over.passed and over.auc < 0.1
+    assert "below the held-out accuracy" in over.failure and "over-forgetting" in over.failure
+    same = sample_test(heldout[:100], torch.rand(100, generator=g) < 0.9, heldout[100:], torch.rand(400) < 0.9)
+    assert same.passed and same.failure is None
+
+
+# ------------------------------------------------------------------------------------------------ on real digits
+
+
+class _MLP(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _memorised_poison(digits):
+    """An MLP trained on 400 digits of which 40 carry a wrong label: it memorises them (the poisoned rows a request
+    names). Returns the model and the poisoned rows with the labels it was trained on."""
+    x, y = digits.x_train[:400], digits.y_train[:400].clone()
+    y[:40] = (y[:40] + 1) % 10
+    torch.manual_seed(0)
+    model = _MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        for i in range(0, 400, 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
+            opt.step()
+    return model.eval(), TensorDataset(x[:40], y[:40])
+
+
+def _loader(x, y, batch_size=64):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_unseen_samples_are_verified_forgotten_without_any_update(trained_cnn, digits):
+    """A request for samples the model never trained on: they already look like held-out data, so the run verifies
+    that and changes nothing."""
+    start = WeightSnapshot(trained_cnn)
+    unlearner = JiTUnlearning(trained_cnn, monitor=_loader(digits.x_test[120:], digits.y_test[120:]))
+    quiet_trainer(max_epochs=-1).fit(unlearner, _loader(digits.x_test[:120], digits.y_test[:120], 32))
+    test = unlearner.verification.heldout_test
+    assert unlearner.outcome == Outcome.FORGOTTEN and start.equals(trained_cnn)
+    assert test["n_forget"] == 120 and test["n_heldout"] == len(digits.y_test) - 120
+    assert unlearner.run.steps == 0 and "indistinguishable" in unlearner.verification.verdict
+
+
+def test_memorised_poisoned_rows_are_not_claimed(digits):
+    model, poison = _memorised_poison(digits)
+    unlearner = JiTUnlearning(model, monitor=_loader(digits.x_test, digits.y_test), task="random")
+    with pytest.warns(JiTOutcomeWarning, match="still differ from"):
+        quiet_trainer(max_epochs=-1).fit(unlearner, DataLoader(poison, batch_size=20))
+    test = unlearner.verification.heldout_test
+    assert unlearner.outcome == Outcome.NOT_FORGOTTEN and not test["passed"]
+    assert test["forget_accuracy"] == 100.0 and test["forget_accuracy"] > test["heldout_accuracy"]
+    assert unlearner.verification.reason.startswith("the forget accuracy is above the held-out accuracy")
+
+
+def test_a_sample_request_without_heldout_data_is_unverifiable_and_changes_nothing(digits):
+    model, poison = _memorised_poison(digits)
+    start = WeightSnapshot(model)
+    unlearner = JiTUnlearning(model, task="random")
+    with pytest.warns(JiTOutcomeWarning, match="NOT verified"):
+        quiet_trainer(max_epochs=-1).fit(unlearner, DataLoader(poison, batch_size=20))
+    assert unlearner.outcome == Outcome.UNVERIFIABLE and unlearner.run.steps == 0 and start.equals(model)
+    assert "monitor=" in unlearner.verification.verdict
+    strict = JiTUnlearning(model, task="random", strict=True)
+    with pytest.raises(JiTUnlearningFailed, match="NOT verified"):
+        quiet_trainer(max_epochs=-1).fit(strict, DataLoader(poison, batch_size=20))
+    assert strict.run.steps == 0 and start.equals(model)
+
+
+def test_the_callback_records_unverifiable_ids_once_and_retries_them_only_with_heldout_data(digits, tmp_path):
+    model, poison = _memorised_poison(digits)
+    ids = torch.arange(40)
+    requests = TensorDataset(poison.tensors[0], poison.tensors[1], ids)
+    job = _loader(digits.x_train[400:528], digits.y_train[400:528])
+
+    def fit(callback, epochs=1):
+        trainer = quiet_trainer(
+            max_epochs=epochs, limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback]
+        )
+        trainer.fit(_LitMLP(model), job)
+
+    callback = JiTUnlearningCallback(requests, task="random", when="train_epoch_end", audit_path=None)
+    fit(callback, epochs=2)  # two jobs' worth of epoch ends: the ids are attempted once, then not retried
+    attempted = [run["counts"]["attempted"] for run in callback.ledger.runs]
+    assert attempted == [40, 0] and callback.ledger.runs[0]["outcome"] == "unverifiable"
+    assert all(callback.ledger.is_unverifiable(i) for i in range(40)) and len(callback.ledger) == 0
+
+    with_heldout = JiTUnlearningCallback(
+        requests, task="random", when="train_epoch_end", audit_path=None, monitor=_loader(digits.x_test, digits.y_test)
+    )
+    with_heldout.ledger.load_state_dict(callback.ledger.state_dict())
+    fit(with_heldout)
+    run = with_heldout.ledger.runs[-1]
+    assert run["counts"]["attempted"] == 40 and run["outcome"] == "not_forgotten"  # retried, tested, not claimed
+    assert run["verification"]["heldout_test"]["n_heldout"] == len(digits.y_test)
+
+
+class _LitMLP(pl.LightningModule):
+    """A job that trains ``net`` at a zero learning rate: only the callback changes the weights."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
