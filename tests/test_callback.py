@@ -206,6 +206,7 @@ def test_resume_never_forgets_the_same_ids_twice(trained_cnn, digits, tmp_path):
         "already_forgotten": len(FORGET_A),
         "attempted": len(FORGET_B),
         "forgotten": len(FORGET_B),
+        "unverifiable": 0,
     }
     want = _wrapper_reference(before.seen["on_train_start"][0], _forget_set(digits, FORGET_B))
     _assert_same(after.seen["on_train_start"][0], want)
@@ -234,7 +235,13 @@ def test_audit_record_content(trained_cnn, digits, tmp_path):
     # The file and the checkpointed ledger say the same; the file also names the checkpoint's bytes.
     assert record == {**callback.ledger.runs[0], "checkpoint_sha256": file_sha256(record["checkpoint"])}
     assert record["ids"] == FORGET_A and record["id_source"] == "dataset"
-    assert record["counts"] == {"requested": 29, "already_forgotten": 0, "attempted": 29, "forgotten": 29}
+    assert record["counts"] == {
+        "requested": 29,
+        "already_forgotten": 0,
+        "attempted": 29,
+        "forgotten": 29,
+        "unverifiable": 0,
+    }
     assert {k: record["settings"][k] for k in ("sigma", "lr", "n_perturbations", "seed", "norm_policy", "when")} == {
         "sigma": None,
         "lr": None,
@@ -446,7 +453,9 @@ def test_divergence_in_the_callback_restores_the_weights_and_records_nothing(tra
     from lightning_jit import JiTDivergenceError
 
     start = _state(trained_cnn)
-    callback = JiTUnlearningCallback(_forget_set(digits, FORGET_A), sigma=0.1, lr=1e38, when="fit_start")
+    callback = JiTUnlearningCallback(
+        _forget_set(digits, FORGET_A), sigma=0.1, lr=1e38, target_forget_accuracy=100.0, when="fit_start"
+    )
     before = Probe()
     with pytest.raises(JiTDivergenceError, match="smaller `lr`"):
         _fit(trained_cnn, tmp_path, [before, callback], digits)

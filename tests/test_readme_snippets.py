@@ -27,7 +27,10 @@ def placeholders(digits, tmp_path, monkeypatch):
     trainer.save_checkpoint("trained.ckpt")
     forget = class_mask(digits.y_train, [3])
     ids = torch.nonzero(forget).flatten()
+    records = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:60]
     return {
+        "val_loader": DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=128),
+        "user_records": TensorDataset(digits.x_train[records], digits.y_train[records]),
         "MyClassifier": DigitsCNN,
         "forget_set": TensorDataset(digits.x_train[forget], digits.y_train[forget]),
         "requests": TensorDataset(digits.x_train[ids], digits.y_train[ids], ids),
