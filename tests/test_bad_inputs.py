@@ -171,8 +171,15 @@ def test_objective_is_finite_and_chunk_invariant_or_names_the_argument(sigma, n,
 def test_any_valid_run_ends_well_or_restores_the_model(sigma, log_lr, n, chunk, epochs, clamp):
     model = _mlp()
     original = WeightSnapshot(model)
-    wrapper = JiTUnlearning(
-        model, sigma=sigma, lr=10.0**log_lr, n_perturbations=n, perturbation_chunk=chunk, epochs=epochs, clamp=clamp
+    wrapper = JiTUnlearning(  # a target: the steps run (a sample request without held-out data would not step)
+        model,
+        sigma=sigma,
+        lr=10.0**log_lr,
+        n_perturbations=n,
+        perturbation_chunk=chunk,
+        epochs=epochs,
+        clamp=clamp,
+        target_forget_accuracy=0.0,
     )
     try:
         quiet_trainer(max_epochs=epochs).fit(wrapper, DataLoader(_data(), batch_size=4))
