@@ -84,6 +84,9 @@ class Verification:
         settings: The settings of the run (calibrated values included).
         extra: Anything a front adds (e.g. the checkpoint's sha256).
         reason: Why the run was rolled back, when not by the guard.
+        restored: Whether the model holds the weights from before the run once the run is over: always for
+            ``rolled_back`` and ``diverged``; for ``not_forgotten``, as ``on_unverified`` (or ``strict``) decided;
+            never for ``forgotten``. ``None``: not decided by a run (a record built by hand).
     """
 
     outcome: Outcome
@@ -100,6 +103,7 @@ class Verification:
     settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    restored: bool | None = None
 
     @property
     def verdict(self) -> str:
@@ -110,6 +114,9 @@ class Verification:
             'forgotten: 0.0% of 127 forget samples still recognised (target 5%)'
             >>> Verification(Outcome.ROLLED_BACK, n_forget=9, forget_accuracy=100.0, guard_events=3).verdict
             'NOT forgotten: rolled back to the original weights after 3 guard interventions'
+            >>> v = Verification(Outcome.NOT_FORGOTTEN, n_forget=9, forget_accuracy=50.0, target=5.0, restored=True)
+            >>> v.verdict.split("; ")[1]
+            'the weights from before the run were restored'
         """
         share = (
             f"{self.forget_accuracy:.1f}% of {self.n_forget} forget samples still recognised"
@@ -128,7 +135,13 @@ class Verification:
         if self.outcome is Outcome.DIVERGED:
             return "NOT forgotten: the run diverged and the original weights were restored"
         passes = f" after {self.passes} pass{'es' if self.passes != 1 else ''}" if self.passes else ""
-        return f"NOT forgotten: {share}{passes} ({target})"
+        if self.restored is None:
+            kept = ""
+        elif self.restored:
+            kept = "; the weights from before the run were restored"
+        else:
+            kept = "; the run's partial weights were kept (on_unverified='keep'): they are not a deletion"
+        return f"NOT forgotten: {share}{passes} ({target}){kept}"
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the outcome as its string), with the verdict and the advice."""
