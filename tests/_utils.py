@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_jit.demo.data import DigitsCNN
+
 
 def sgd_by_hand(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
     """One plain SGD step on ``loss``, written out: the independent computation the wrapper's steps are checked
@@ -61,3 +63,11 @@ class InterruptAtFirstBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         raise KeyboardInterrupt
+
+
+class FeaturesAndLogitsCNN(DigitsCNN):
+    """A digits CNN whose forward returns ``(features, logits)``: the logits need ``output_selector=1``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return features.flatten(1), self.head(features)

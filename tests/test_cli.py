@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _utils import same_weights
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -530,3 +531,50 @@ def test_installed_script_exit_codes(ckpt, tmp_path):
     )
     assert not (tmp_path / "no.ckpt").exists()
     assert DigitsCNN.load_from_checkpoint(tmp_path / "ok.ckpt", strict=True).hparams.width == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing unverified on disk, with Lightning's default checkpointing left on (issue 21)
+# ----------------------------------------------------------------------------------------------------------------------
+CHECKPOINTING = ["--trainer.enable_checkpointing=true"]  # the examples turn it off; a minimal config does not
+
+
+def test_unlearn_with_default_checkpointing_leaves_only_verified_files(ckpt, tmp_path, capsys):
+    out = tmp_path / "out.ckpt"
+    code = main(_unlearn(ckpt, tmp_path / "run", f"--output={out}", *CHECKPOINTING, *QUICK, *NOT_ENOUGH))
+    assert code == 3, capsys.readouterr().err[-2000:]
+    assert sorted(tmp_path.rglob("*.ckpt")) == []  # the epoch checkpoint Lightning wrote during the run is gone
+
+    args = _unlearn(ckpt, tmp_path / "run2", f"--output={out}", "--keep_unverified=true", *CHECKPOINTING, *QUICK)
+    assert main([*args, *NOT_ENOUGH]) == 3
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["out.unverified.ckpt"]  # only what was asked for
+    original = DigitsCNN.load_from_checkpoint(ckpt, strict=True)
+    kept = DigitsCNN.load_from_checkpoint(tmp_path / "out.unverified.ckpt", strict=True)
+    assert not same_weights(kept, original)  # --keep_unverified implies on_unverified="keep": the partial weights
+
+    verified = tmp_path / "verified.ckpt"
+    assert main(_unlearn(ckpt, tmp_path / "run3", f"--output={verified}", *CHECKPOINTING, *QUICK)) == 0
+    written = sorted((tmp_path / "run3").rglob("*.ckpt"))
+    assert written, "Lightning's ModelCheckpoint wrote nothing: the test would prove nothing"
+    result = DigitsCNN.load_from_checkpoint(verified, strict=True)
+    for path in written:  # settled: the user's format, the verification record, the verified weights
+        saved = torch.load(path, weights_only=True)
+        assert saved["jit_safety"]["verification"]["outcome"] == "forgotten" and "jit_unverified" not in saved
+        loaded = DigitsCNN.load_from_checkpoint(path, strict=True)
+        assert same_weights(loaded, result)
+
+
+def test_an_output_selector_that_finds_no_logits_is_a_usage_error_and_writes_nothing(ckpt, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    tuple_model = ["--model.class_path=_utils.FeaturesAndLogitsCNN"]  # forward returns (features, logits)
+    for args in (["--batch.output_selector=5"], tuple_model):
+        code = main(_unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *CHECKPOINTING, *QUICK, *args))
+        err = capsys.readouterr().err
+        assert code == 2, (args, code, err[-2000:])
+        (line,) = _errors(err)
+        assert line.startswith("lightning-jit unlearn: error: --batch.output_selector"), line
+        assert not any(work.iterdir()), sorted(work.rglob("*"))  # no config.yaml, hparams.yaml or checkpoint
+    # The same model with the right selector runs: the usage error was the selector's.
+    args = _unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *QUICK, *tuple_model, "--batch.output_selector=1")
+    assert main(args) == 0, capsys.readouterr().err[-2000:]

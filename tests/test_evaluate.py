@@ -537,7 +537,7 @@ def test_bad_inputs(setup):
 def test_with_the_jit_callback_the_original_is_snapshotted_right_before_it_fires(digits, tmp_path):
     f = class_mask(digits.y_train, [FORGET_CLASS])
     x_f, y_f = digits.x_train[f][:64], digits.y_train[f][:64]
-    settings = JiTSettings.plain(sigma=0.1, lr=0.003, n_perturbations=4)
+    settings = JiTSettings.plain(sigma=0.1, lr=0.003, n_perturbations=4, on_unverified="keep")
     jit_kwargs = dict(when="fit_end", checkpoint_filename=None, audit_path=None)
     jit = JiTUnlearningCallback(TensorDataset(x_f, y_f, torch.arange(64)), settings, **jit_kwargs)
     evaluation = UnlearningEvaluation(

@@ -86,7 +86,7 @@ def test_no_monitor_guard_reports_collapse_and_restores_original(trained_cnn, di
 def test_no_monitor_guard_halves_lr_and_keeps_the_model(trained_cnn, digits):
     x_keep, y_keep = _retained_test(digits)
     mask = class_mask(digits.y_train, [3])
-    wrapper = JiTUnlearning(trained_cnn, _high_lr_settings(), check_every=1)
+    wrapper = JiTUnlearning(trained_cnn, _high_lr_settings(), check_every=1, on_unverified="keep")
     _fit(wrapper, _forget_loader(digits), 30)
     assert wrapper.run.check.halvings >= 1
     # The restarted, smaller-step run moves towards forgetting, and keeps far more than the unguarded collapse.

@@ -67,10 +67,12 @@ def test_wrapper_writes_checkpoints_atomically(digits, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     trainer = quiet_trainer(enable_checkpointing=True, callbacks=[ckpt], default_root_dir=tmp_path)
     loader = DataLoader(TensorDataset(digits.x_train[:64], digits.y_train[:64]), batch_size=32)
-    trainer.fit(JiTUnlearning(model, sigma=0.1, lr=0.001, n_perturbations=2), loader)
+    # A target of 100% verifies the run: the file of its last step is rewritten as the result, the other removed.
+    unlearner = JiTUnlearning(model, sigma=0.1, lr=0.001, n_perturbations=2, target_forget_accuracy=100.0)
+    trainer.fit(unlearner, loader)
     assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
     written = sorted(tmp_path.glob("*.ckpt"))
-    assert len(written) == 2 and _leftovers(tmp_path) == []
+    assert [p.name for p in written] == ["epoch=0-step=2.ckpt"] and _leftovers(tmp_path) == []
     reloaded = DigitsCNN.load_from_checkpoint(written[-1], strict=True)
     pairs = zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
@@ -174,9 +176,12 @@ def test_signal_during_unlearning_leaves_input_untouched_and_no_partial_output(t
     assert not (out / "final.ckpt").exists()
     assert _leftovers(out) == []
     written = list(out.glob("*.ckpt"))
-    assert written  # ModelCheckpoint saved every 2 steps before the signal
-    for path in written:  # and each of those files is complete
-        DigitsCNN.load_from_checkpoint(path, strict=True)
+    assert written  # ModelCheckpoint saved every 2 steps before the signal: the run's resume points
+    for path in written:  # each of those files is complete, and not in the user's format (not a result)
+        saved = torch.load(path, weights_only=False)
+        assert "jit_unverified" in saved and "jit_run_state" in saved
+        with pytest.raises((RuntimeError, TypeError)):
+            DigitsCNN.load_from_checkpoint(path, strict=True)
 
 
 def test_atomic_write_gives_the_permissions_a_plain_open_would(tmp_path):

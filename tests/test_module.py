@@ -31,7 +31,9 @@ def test_one_step_equals_manual_sgd_on_the_objective(trained_cnn, digits):
     sigma, lr, n = 0.2, 0.05, 4
 
     # guard=False: this checks the update's math; at this lr the collapse guard would (rightly) undo the step.
-    plain = JiTSettings.plain(sigma=sigma, lr=lr, n_perturbations=n, perturbation_chunk=None, seed=11)
+    plain = JiTSettings.plain(
+        sigma=sigma, lr=lr, n_perturbations=n, perturbation_chunk=None, seed=11, on_unverified="keep"
+    )
     wrapper = JiTUnlearning(trained_cnn, plain, guard=False)  # the objective alone (other terms: test_probes)
     quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x), batch_size=8))
 
@@ -60,7 +62,9 @@ def test_gradients_are_zeroed_every_step(trained_cnn, digits):
     a, b = DigitsCNN(), DigitsCNN()
     a.load_state_dict(trained_cnn.state_dict())
     b.load_state_dict(trained_cnn.state_dict())
-    wrapper = JiTUnlearning(a, JiTSettings.plain(sigma=0.2, lr=0.05, n_perturbations=3, seed=3), guard=False)
+    wrapper = JiTUnlearning(
+        a, JiTSettings.plain(sigma=0.2, lr=0.05, n_perturbations=3, seed=3, on_unverified="keep"), guard=False
+    )
     quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x), 8))
     # Same two steps with a hand loop that zeroes gradients, drawing from the same seeded generator.
     from lightning_jit.core.objective import jit_objective
@@ -79,11 +83,13 @@ def test_gradients_are_zeroed_every_step(trained_cnn, digits):
 def test_batchnorm_buffers_frozen_under_eval_and_changed_under_train(trained_bn_cnn, digits):
     loader = _forget_loader(digits)
     before = {k: v.clone() for k, v in trained_bn_cnn.state_dict().items() if "running" in k}
-    quiet_trainer().fit(JiTUnlearning(trained_bn_cnn, sigma=0.3, lr=0.001), loader)
+    quiet_trainer().fit(JiTUnlearning(trained_bn_cnn, sigma=0.3, lr=0.001, on_unverified="keep"), loader)
     after = {k: v for k, v in trained_bn_cnn.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
 
-    quiet_trainer().fit(JiTUnlearning(trained_bn_cnn, sigma=0.3, lr=0.001, norm_policy="train"), loader)
+    quiet_trainer().fit(
+        JiTUnlearning(trained_bn_cnn, sigma=0.3, lr=0.001, norm_policy="train", on_unverified="keep"), loader
+    )
     after_train = {k: v for k, v in trained_bn_cnn.state_dict().items() if "running" in k}
     assert any(not torch.equal(before[k], after_train[k]) for k in before)
 
@@ -165,12 +171,14 @@ def test_plain_nn_module_and_batch_forms(digits):
     }
     for name, loader in batches.items():
         snap = WeightSnapshot(net)
-        quiet_trainer().fit(JiTUnlearning(net, sigma=0.2, lr=0.1), loader)
+        quiet_trainer().fit(JiTUnlearning(net, sigma=0.2, lr=0.1, on_unverified="keep"), loader)
         assert not snap.equals(net), name
 
     dict_loader = DataLoader([{"image": xi, "label": yi} for xi, yi in zip(x, y, strict=True)], batch_size=8)
     snap = WeightSnapshot(net)
-    quiet_trainer().fit(JiTUnlearning(net, sigma=0.2, lr=0.1, input_key="image", label_key="label"), dict_loader)
+    quiet_trainer().fit(
+        JiTUnlearning(net, sigma=0.2, lr=0.1, input_key="image", label_key="label", on_unverified="keep"), dict_loader
+    )
     assert not snap.equals(net)
 
     class Pair:
@@ -180,7 +188,9 @@ def test_plain_nn_module_and_batch_forms(digits):
     odd_loader = DataLoader([Pair(xi) for xi in x], batch_size=8, collate_fn=lambda items: items)
     snap = WeightSnapshot(net)
     to_input = lambda batch: torch.stack([p.tensor for p in batch])  # noqa: E731
-    quiet_trainer().fit(JiTUnlearning(net, sigma=0.2, lr=0.1, batch_to_input=to_input), odd_loader)
+    quiet_trainer().fit(
+        JiTUnlearning(net, sigma=0.2, lr=0.1, batch_to_input=to_input, on_unverified="keep"), odd_loader
+    )
     assert not snap.equals(net)
 
 
@@ -332,7 +342,9 @@ def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, di
 
     x, y = digits.x_train[:16], digits.y_train[:16]
     start = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
-    settings = JiTSettings.plain(sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5)
+    settings = JiTSettings.plain(
+        sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5, on_unverified="keep"
+    )
 
     def run(penalty):
         model = DigitsCNN()

@@ -52,10 +52,22 @@ def _job(digits, tmp_path, callback, ckpt_path=None):
 def test_not_forgotten_when_the_bound_is_reached_warns_and_strict_raises_after_restoring(trained_cnn, digits):
     start = WeightSnapshot(trained_cnn)
     bounded = JiTUnlearning(trained_cnn, max_cost=10.0)  # far too little to forget a class
-    with pytest.warns(JiTOutcomeWarning, match="NOT forgotten"):
+    with pytest.warns(JiTOutcomeWarning, match="NOT forgotten.*the weights from before the run were restored"):
         quiet_trainer(max_epochs=-1).fit(bounded, forget_loader(_threes(digits)))
     assert bounded.outcome == Outcome.NOT_FORGOTTEN and bounded.verification.extra["bound_reached"]
-    assert bounded.verification.forget_accuracy > 5.0 and not start.equals(trained_cnn)  # it did move, not enough
+    # The default (on_unverified="restore"): the partial weights it measured are gone, the original is back.
+    assert bounded.verification.forget_accuracy > 5.0 and start.equals(trained_cnn)
+    assert bounded.verification.restored and bounded.verification.as_dict()["restored"] is True
+
+    kept = JiTUnlearning(trained_cnn, max_cost=10.0, on_unverified="keep")
+    with pytest.warns(JiTOutcomeWarning, match="partial weights were kept"):
+        quiet_trainer(max_epochs=-1).fit(kept, forget_loader(_threes(digits)))
+    assert kept.outcome == Outcome.NOT_FORGOTTEN and kept.verification.restored is False
+    assert not start.equals(trained_cnn)  # it did move, not enough: kept on request
+    mask = class_mask(digits.y_train, [3])  # the record measured the weights that were kept
+    assert kept.verification.forget_accuracy == pytest.approx(
+        accuracy(trained_cnn, digits.x_train[mask], digits.y_train[mask])
+    )
 
     start.restore(trained_cnn)
     strict = JiTUnlearning(trained_cnn, max_cost=10.0, strict=True)
@@ -181,7 +193,7 @@ def test_wrong_results_that_looked_like_success_are_named_errors(trained_cnn, di
 def test_validation_runs_during_unlearning_and_validate_works(trained_cnn, digits):
     """`trainer.fit(unlearner, forget, val)` runs the wrapped model's own validation_step; `trainer.validate` too."""
     val = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=256)
-    unlearner = JiTUnlearning(trained_cnn, epochs=1)
+    unlearner = JiTUnlearning(trained_cnn, epochs=1, on_unverified="keep")  # keep: the weights validated stay
     trainer = quiet_trainer(max_epochs=-1, num_sanity_val_steps=0)
     trainer.fit(unlearner, forget_loader(_threes(digits)), val)
     assert "val_acc" in trainer.callback_metrics  # DigitsCNN logs it as a fraction
@@ -197,7 +209,8 @@ def test_resuming_from_an_epoch_checkpoint_equals_the_uninterrupted_run(trained_
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     start = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
-    settings = JiTSettings(epochs=3, target_forget_accuracy=0.0)  # three whole passes, whatever happens
+    # Three whole passes, whatever happens; kept, so that the two runs' weights are compared, not the original's.
+    settings = JiTSettings(epochs=3, target_forget_accuracy=0.0, on_unverified="keep")
 
     def fresh():
         model = DigitsCNN()
@@ -209,13 +222,27 @@ def test_resuming_from_an_epoch_checkpoint_equals_the_uninterrupted_run(trained_
 
     first = fresh()
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, save_on_train_epoch_end=True)
-    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[saver], default_root_dir=tmp_path)
-    trainer.fit(JiTUnlearning(first, settings), forget_loader(_threes(digits)))
-    (checkpoint,) = tmp_path.glob("epoch=0*.ckpt")
-    assert "jit_run_state" in torch.load(checkpoint, weights_only=False)  # saved mid-run: the run's state goes along
+    callbacks = [saver, _Preempted(at_epoch=1)]  # the job is stopped after the first pass's checkpoint
+    trainer = quiet_trainer(max_epochs=-1, enable_checkpointing=True, callbacks=callbacks, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="preempted"):
+        trainer.fit(JiTUnlearning(first, settings), forget_loader(_threes(digits)))
+    (checkpoint,) = tmp_path.glob("epoch=0*.ckpt")  # an interrupted run leaves its resume points
+    saved = torch.load(checkpoint, weights_only=False)
+    assert "jit_run_state" in saved and "jit_unverified" in saved  # saved mid-run: the run's state goes along
     resumed = fresh()
     quiet_trainer(max_epochs=-1).fit(
         JiTUnlearning(resumed, settings), forget_loader(_threes(digits)), ckpt_path=checkpoint
     )
     for name, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class _Preempted(__import__("lightning.pytorch").pytorch.Callback):
+    """Stops a fit with an error when a given epoch starts (a preempted job)."""
+
+    def __init__(self, at_epoch: int) -> None:
+        self.at_epoch = at_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_epoch:
+            raise RuntimeError("preempted")

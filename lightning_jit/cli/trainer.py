@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -25,10 +26,11 @@ from lightning_jit.cli.checkpoints import check_output, load_checkpoint, restore
 from lightning_jit.cli.errors import JiTUsageError, setting_usage_error
 from lightning_jit.cli.forget import ForgetSet, select_forget_loader
 from lightning_jit.core.batch import BatchFormat
-from lightning_jit.core.errors import JiTSettingError
+from lightning_jit.core.errors import JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.state import normalization_mode
 from lightning_jit.io import atomic_torch_save, file_sha256, json_safe
 from lightning_jit.lightning.module import JiTUnlearning
 
@@ -81,14 +83,16 @@ class JiTTrainer(pl.Trainer):
                 directory). Never the same file as ``ckpt_path``.
             overwrite: Replace ``output`` (and the run's ``config.yaml``) if they exist.
             keep_unverified: When the outcome is not ``forgotten``, still write the weights, under the name
-                ``<output stem>.unverified.ckpt``, for inspection. They are not a deletion.
+                ``<output stem>.unverified.ckpt``, for inspection. They are not a deletion. It implies
+                ``jit.on_unverified="keep"`` (the run's partial weights are what is written).
 
         Returns:
             The path of the unlearned checkpoint.
 
         Raises:
             JiTUsageError: for a missing checkpoint or one of another class, an existing ``output`` without
-                ``overwrite``, or a bad forget selection; nothing is written then.
+                ``overwrite``, a bad forget selection, or a ``batch.output_selector`` that does not find the
+                ``(batch, classes)`` logits in the model's output on the first forget batch; nothing is written then.
             JiTUnlearningFailed: when the verified outcome is not ``forgotten``; its message is the verdict and what
                 to do next.
             MisconfigurationException: if ``jit``, ``batch``, ``guard`` or ``forget`` is not of its declared type.
@@ -108,21 +112,26 @@ class JiTTrainer(pl.Trainer):
         if source is not None:
             restore_weights(model, source, ckpt_path)
         forget_loader = select_forget_loader(datamodule, forget, batch)
+        _preflight(model, forget_loader, batch)
         n_forget = len(forget_loader.dataset) if hasattr(getattr(forget_loader, "dataset", None), "__len__") else None
         rank_zero_info(
             f"JiT: unlearning {n_forget if n_forget is not None else 'the'} forget samples"
             f" ({forget.selector() or 'datamodule hook'}) from {ckpt_path or 'the in-memory model'}."
         )
 
+        if keep_unverified and jit.on_unverified != "keep":
+            jit = jit.replace(on_unverified="keep")  # the partial weights are what `*.unverified.ckpt` holds
         heldout = forget.heldout_loader(datamodule)
         wrapper = JiTUnlearning(model, jit, batch_format=batch, guard=guard, monitor=heldout)
         if self.fit_loop.max_epochs is None and self.max_steps == -1:
             self.fit_loop.max_epochs = jit.epochs  # the wrapper stops after `epochs`; avoid Lightning's 1000 default
         try:
             self.fit(wrapper, train_dataloaders=forget_loader)
-        except SystemExit:
-            if self.state.status == TrainerStatus.INTERRUPTED:  # Lightning exits 1 after Ctrl+C; say what it was
-                raise KeyboardInterrupt from None
+        except BaseException as err:
+            # The command line has no resume: the resume points of an interrupted run are not kept either.
+            wrapper.discard_unverified_checkpoints()
+            if isinstance(err, SystemExit) and self.state.status == TrainerStatus.INTERRUPTED:
+                raise KeyboardInterrupt from None  # Lightning exits 1 after Ctrl+C; say what it was
             raise
         if self.state.status != TrainerStatus.FINISHED:
             raise RuntimeError(f"JiT unlearning did not finish (status: {self.state.status.value}); nothing written.")
@@ -158,6 +167,31 @@ class JiTTrainer(pl.Trainer):
             raise JiTUnlearningFailed(verification)
         rank_zero_info(f"JiT: {verification.verdict}. Wrote the unlearned checkpoint to {output}.")
         return str(output)
+
+
+def _preflight(model: pl.LightningModule, loader: Any, batch: BatchFormat) -> None:
+    """Read the first forget batch and run it through the model once (no gradient, eval mode, weights untouched),
+    before the run writes anything (``config.yaml``, the logger's files, checkpoints).
+
+    Raises:
+        JiTUsageError: naming ``--batch.output_selector`` when the logits are not found in the model's output.
+        JiTInputError: when the batch's input cannot be read, or the model does not take it.
+    """
+    first = next(iter(loader), None)
+    if first is None:
+        return  # the run refuses an empty forget loader with its own message
+    x = batch.forget_input(first)
+    device = next((p.device for p in model.parameters()), x.device)
+    x = x.to(device)
+    with torch.no_grad(), normalization_mode(model, "eval"):
+        try:
+            output = model(x)
+        except (RuntimeError, TypeError) as err:  # the batch does not fit the model: name the cause
+            raise forward_failure(model, x, err) from err
+    try:
+        batch.logits(output, x.shape[0])
+    except JiTInputError as err:
+        raise JiTUsageError("--batch.output_selector", " ".join(str(err).split())) from err
 
 
 def unverified_path(output: str | os.PathLike) -> str:

@@ -4,8 +4,9 @@ is back-propagated counts 3 (DESIGN.md section 6).
 :class:`CostCounter` hangs a forward hook on the model and books each pass under the kind of work the run is doing
 at that moment (:meth:`CostCounter.kind`, :data:`KINDS`). A pass with autograd enabled is counted as forward and
 backward. Frozen-copy passes (``torch.func.functional_call`` on the same module) go through the same hook. The
-reference's one pass over a forget set of ``n`` samples costs ``(N + 3) * n`` (:func:`reference_cost`), the unit the
-benchmarks report against.
+reference's one pass over a forget set of ``n`` samples costs ``(N + 3) * n`` with the reference's ``N = 25``
+(:data:`REFERENCE_N`, :func:`reference_cost`): 28 per forget sample, the unit the benchmarks, the README and every
+run's ``verification.cost["over_reference"]`` report against, whatever ``N`` the run itself drew.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ KINDS = (
 )
 
 
-def reference_cost(n_forget: int, n_perturbations: int = 25) -> int:
+#: The reference's number of perturbations per forget sample: its one pass costs ``REFERENCE_N + 3`` per sample.
+REFERENCE_N = 25
+
+
+def reference_cost(n_forget: int, n_perturbations: int = REFERENCE_N) -> int:
     """The reference's one pass: per forget sample, ``N`` no-grad forwards and one forward+backward.
 
     Example:
@@ -103,10 +108,25 @@ class CostCounter:
         finally:
             self.detach()
 
-    def report(self, n_forget: int | None = None, n_perturbations: int = 25) -> dict[str, Any]:
-        """The counts by kind and in total; with ``n_forget``, also per forget sample and over the reference's pass."""
+    def report(self, n_forget: int | None = None, n_perturbations: int | None = None) -> dict[str, Any]:
+        """The counts by kind and in total; with ``n_forget``, also per forget sample and over the reference's pass.
+
+        Args:
+            n_forget: The forget samples the run served.
+            n_perturbations: The run's own ``N``, recorded as ``n_perturbations`` for the record. It does not change
+                the unit: ``over_reference`` always divides by the reference's pass, ``(REFERENCE_N + 3) * n_forget``,
+                so that runs with different ``N`` (and the benchmarks) are comparable.
+
+        Example:
+            >>> counter = CostCounter()
+            >>> counter.counts["clean"] = 280
+            >>> counter.report(n_forget=10, n_perturbations=8)["over_reference"]  # 280 / (10 * (25 + 3))
+            1.0
+        """
         out: dict[str, Any] = {"by_kind": {k: v for k, v in self.counts.items() if v}, "total": self.total}
+        if n_perturbations is not None:
+            out["n_perturbations"] = int(n_perturbations)
         if n_forget:
             out["per_forget_sample"] = self.total / n_forget
-            out["over_reference"] = self.total / reference_cost(n_forget, n_perturbations)
+            out["over_reference"] = self.total / reference_cost(n_forget, REFERENCE_N)
         return out

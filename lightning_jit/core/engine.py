@@ -508,6 +508,9 @@ class JiTRun:
             forward_context: As in :meth:`step`.
             strict: Restore the weights from before the run and raise
                 :class:`~lightning_jit.core.outcome.JiTUnlearningFailed` unless the outcome is ``forgotten``.
+                Without it, an outcome other than ``forgotten`` restores them when ``settings.on_unverified`` is
+                ``"restore"`` (the default) and keeps the run's weights when it is ``"keep"``;
+                ``verification.restored`` says which.
 
         Returns:
             The :class:`~lightning_jit.core.outcome.Verification`, also kept as :attr:`verification`.
@@ -525,13 +528,18 @@ class JiTRun:
         if self.retain is not None and self.retain.labels is not None:
             verification.retain_accuracy = self._retain_accuracy(forward_context)
         self.cost.detach()
-        self.verification = verification
-        if strict and not verification.outcome.succeeded:
-            assert self._pre_run is not None
+        # The cost again, now that every pass is done: the retain pass and the sibling check count too.
+        n = self.survey.n if self.survey is not None else verification.n_forget
+        verification.cost = self.cost.report(n or None, self.settings.n_perturbations)
+        # What a run that did not verify leaves in memory: `settings.on_unverified` (strict always restores).
+        restore = not verification.outcome.succeeded and (strict or self.settings.on_unverified == "restore")
+        if restore and self._pre_run is not None:
             self._pre_run.restore(self.model)
-            self._pre_run = None
-            raise JiTUnlearningFailed(verification)
+        verification.restored = restore or verification.outcome in (Outcome.ROLLED_BACK, Outcome.DIVERGED)
+        self.verification = verification
         self._pre_run = None  # the run is over: a later error must not undo it
+        if strict and not verification.outcome.succeeded:
+            raise JiTUnlearningFailed(verification)
         return verification
 
     # ------------------------------------------------------------------------------------------------------------------

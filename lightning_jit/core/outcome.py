@@ -95,6 +95,9 @@ class Verification:
         heldout_test: A sample request's held-out test on the final weights
             (:class:`~lightning_jit.core.membership.SampleTest` as a dict): the sizes, both accuracies, the membership
             AUC with its interval, the p-values and the gaps these sizes can detect.
+        restored: Whether the model holds the weights from before the run once the run is over: always for
+            ``rolled_back`` and ``diverged``; for ``not_forgotten``, as ``on_unverified`` (or ``strict``) decided;
+            never for ``forgotten``. ``None``: not decided by a run (a record built by hand).
     """
 
     outcome: Outcome
@@ -122,9 +125,13 @@ class Verification:
             'forgotten: 0.0% of 127 forget samples still recognised (target 5%)'
             >>> Verification(Outcome.ROLLED_BACK, n_forget=9, forget_accuracy=100.0, guard_events=3).verdict
             'NOT forgotten: rolled back to the original weights after 3 guard interventions'
+            >>> v = Verification(Outcome.NOT_FORGOTTEN, n_forget=9, forget_accuracy=50.0, target=5.0, restored=True)
+            >>> v.verdict.split("; ")[1]
+            'the weights from before the run were restored'
         """
         if self.heldout_test is not None and self.outcome in (Outcome.FORGOTTEN, Outcome.NOT_FORGOTTEN):
-            return _sample_verdict(self.outcome, self.heldout_test, self.reason)
+            kept = _kept(self.restored) if self.outcome is Outcome.NOT_FORGOTTEN else ""
+            return _sample_verdict(self.outcome, self.heldout_test, self.reason) + kept
         if self.outcome is Outcome.UNVERIFIABLE:
             return f"NOT verified: {self.n_forget} forget samples; {self.reason}"
         share = (
@@ -144,7 +151,7 @@ class Verification:
         if self.outcome is Outcome.DIVERGED:
             return "NOT forgotten: the run diverged and the original weights were restored"
         passes = f" after {self.passes} pass{'es' if self.passes != 1 else ''}" if self.passes else ""
-        return f"NOT forgotten: {share}{passes} ({target})"
+        return f"NOT forgotten: {share}{passes} ({target}){_kept(self.restored)}"
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the outcome as its string), with the verdict and the advice."""
@@ -153,6 +160,15 @@ class Verification:
         out["verdict"] = self.verdict
         out["advice"] = self.outcome.advice
         return out
+
+
+def _kept(restored: bool | None) -> str:
+    """What a ``not_forgotten`` run left in memory, for its verdict (nothing to say when no run decided it)."""
+    if restored is None:
+        return ""
+    if restored:
+        return "; the weights from before the run were restored"
+    return "; the run's partial weights were kept (on_unverified='keep'): they are not a deletion"
 
 
 def _sample_verdict(outcome: Outcome, test: dict[str, Any], reason: str | None) -> str:

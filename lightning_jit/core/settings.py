@@ -27,6 +27,7 @@ from lightning_jit.core.noise import PerturbationSpec, resolve_perturbation
 Reduction = Literal["mean", "sum"]
 Task = Literal["auto", "class", "random"]
 NormPolicy = Literal["eval", "train"]
+OnUnverified = Literal["restore", "keep"]
 ClampSpec = Literal["batch"] | tuple[float, float] | None
 #: How many perturbed samples go through the model in one no-grad forward pass: an integer, ``None`` (all ``N * B`` at
 #: once) or ``"auto"`` (by the input's device, see :data:`lightning_jit.core.objective.PERTURBATION_CHUNK_BY_DEVICE`).
@@ -130,6 +131,12 @@ class JiTSettings:
         seed: Seed of the noise and of the probes. With per-sample ids in the batches (``(x, y, id)`` or
             ``{"id": ...}``) each sample's noise is keyed by ``(seed, id, epoch)``, so it does not depend on the batch
             or the process; without ids a generator seeded with ``seed`` is used. ``None``: the global RNG.
+        on_unverified: What a run that does not end ``forgotten`` leaves in memory. ``"restore"`` (default): the
+            weights from before the run, bit for bit, so that a pipeline goes on from a model that is either verified
+            or the original. ``"keep"``: the run's partial progress (not a deletion; e.g. to inspect it, or to go on
+            with a longer run and ``original=``). A random task has no target by default, so it never ends
+            ``forgotten``: give it a ``target_forget_accuracy`` or ``"keep"``. The record says which happened
+            (:attr:`~lightning_jit.core.outcome.Verification.restored`).
 
     Example:
         >>> JiTSettings().lr is None, JiTSettings().n_perturbations
@@ -176,6 +183,10 @@ class JiTSettings:
     perturbation: PerturbationSpec = field(default="gaussian", metadata={"check": _perturbation})
     perturbation_chunk: PerturbationChunk = field(default="auto", metadata={"check": _chunk})
     seed: int | None = field(default=0, metadata={"check": _seed})
+    on_unverified: OnUnverified = field(
+        default="restore",
+        metadata=choice(("restore", "keep"), "'restore' puts back the weights from before the run; 'keep' keeps them."),
+    )
 
     def __post_init__(self) -> None:
         validate(self)

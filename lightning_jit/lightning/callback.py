@@ -139,7 +139,9 @@ class JiTUnlearningCallback(Callback):
     Checkpoints carry it, so resuming never forgets an id twice and a request with new ids forgets only those. An id
     moves to "forgotten" only when its run's outcome is verified ``forgotten`` (the forget set is measured again on
     the final weights, :class:`~lightning_jit.core.outcome.Verification`); the ids of any other run stay pending,
-    with the failure in the run's record, and are retried at the next request.
+    with the failure in the run's record, and are retried at the next request. Such a run restores the weights from
+    before it (``on_unverified="restore"``, the default), so the job trains on from the original weights and what it
+    saves is never a partial unlearning; ``on_unverified="keep"`` keeps the partial weights instead.
 
     **Checkpoints and audit.** After a run that forgot something, the callback saves ``checkpoint_filename``
     (``unlearned.ckpt``) in the first ``ModelCheckpoint``'s directory with ``trainer.save_checkpoint``; any

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -25,8 +26,12 @@ from lightning_jit.core.state import trainable_parameters
 from lightning_jit.core.step import make_optimizer
 from lightning_jit.lightning.checkpoint import (
     JIT_RUN_STATE_KEY,
+    JIT_UNVERIFIED_KEY,
+    AtomicCheckpointIO,
     AtomicCheckpoints,
+    forget_removed_checkpoints,
     from_wrapped_format,
+    settle_unverified,
     to_wrapped_format,
 )
 from lightning_jit.lightning.data import FirstBatches
@@ -59,8 +64,17 @@ class JiTUnlearning(pl.LightningModule):
     Non-finite weights, repeated non-finite steps, an exception, Ctrl+C or SIGTERM restore the weights from before
     the run bit for bit; the collapse guard (:class:`~lightning_jit.core.guard.CollapseGuard`) is on by default.
 
-    The wrapper saves checkpoints in the wrapped model's own format: ``OriginalClass.load_from_checkpoint(path)``
-    loads a checkpoint written by ``trainer.save_checkpoint`` or a ``ModelCheckpoint``, with ``strict=True``.
+    A run that does not end ``forgotten`` restores the weights from before the run (``on_unverified="restore"``,
+    the default) or keeps its partial progress (``on_unverified="keep"``); ``verification.restored`` says which.
+
+    **Nothing unverified on disk.** Once a run has ended, checkpoints are in the wrapped model's own format, with
+    the verification record: ``OriginalClass.load_from_checkpoint(path, strict=True)`` loads a checkpoint written by
+    ``trainer.save_checkpoint``. A checkpoint the Trainer writes while the run is in progress (a ``ModelCheckpoint``
+    at the end of a pass) stays in the wrapper's own format, marked unverified, which ``OriginalClass`` refuses; it
+    holds the run's state, so ``trainer.fit(unlearner, ..., ckpt_path=path)`` resumes it. When the run ends, a file
+    that holds the verified weights of a ``forgotten`` run is rewritten in the model's format with the record; every
+    other file written during the run is removed (one info line names them). After an interruption (an exception,
+    Ctrl+C) they stay, as resume points. Only rank 0 touches the files.
 
     Args:
         model: The trained classifier: a LightningModule or a plain ``nn.Module`` returning logits.
@@ -147,6 +161,7 @@ class JiTUnlearning(pl.LightningModule):
         self._optimizer_factory = optimizer
         self._compile_options = compile_model
         self.strict = bool(strict)
+        self._validates = True  # whether `validation_step` is the wrapper's (decided per Trainer call)
         self._compiled: list[Callable[..., Any]] = []  # a list, so that the compiled module is no submodule
         self._modes_before_fit: list[tuple[nn.Module, bool]] = []
         self.automatic_optimization = False
@@ -201,10 +216,20 @@ class JiTUnlearning(pl.LightningModule):
         return make_optimizer(params, self.settings.lr)
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        # Lightning calls this in every `trainer.fit/validate/...` before it checks the loops: the moment to say
+        # whether there is a validation step, so that a fit without a val loader is not warned about one.
+        self._validates = self._trainer is None or _val_loader_given(self.trainer)
         return [_RollbackOnError(), AtomicCheckpoints()]
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer, type(self).__name__)
+        if stage == "fit" and not isinstance(self.trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            rank_zero_warn(
+                f"The Trainer's checkpoint IO ({type(self.trainer.strategy.checkpoint_io).__name__}) is not"
+                " AtomicCheckpointIO, so the checkpoints written while the JiT run is in progress cannot be settled"
+                " when it ends: they stay in the wrapper's own unverified format, which your model's class refuses."
+                " Save the result with `trainer.save_checkpoint` after a `forgotten` run."
+            )
         if self._compile_options is not False and not self._compiled:
             options = self._compile_options if isinstance(self._compile_options, dict) else {}
             self._compiled.append(torch.compile(self.model, **options))
@@ -247,6 +272,9 @@ class JiTUnlearning(pl.LightningModule):
             collectives=collectives(self.trainer, self.trainer.train_dataloader, type(self).__name__),
             warn=rank_zero_warn,
         )
+        io = self._atomic_io()
+        if io is not None:
+            io.unverified_paths.clear()  # what an earlier, interrupted fit left is not this run's to settle
         if self._resume_state is not None:  # a run restarted from its own checkpoint goes on where it stopped
             self.run.resume(self._resume_state, self._forget_batches())
             self._resume_state = None
@@ -295,10 +323,12 @@ class JiTUnlearning(pl.LightningModule):
             self.trainer.should_stop = False
         return report.loss
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+    def _validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """Validation during unlearning (``trainer.fit(unlearner, forget, val)`` or ``trainer.validate(unlearner,
         val)``): the wrapped model's own ``validation_step`` when it has one (it logs through this Trainer), else the
-        accuracy of labelled batches, logged as ``val_acc`` (percent)."""
+        accuracy of labelled batches, logged as ``val_acc`` (percent). It is the wrapper's ``validation_step`` only
+        when a fit is given a val loader (or for ``trainer.validate``), so that a fit without one is not warned about
+        a validation step it does not need."""
         model = self.model
         if isinstance(model, pl.LightningModule) and is_overridden("validation_step", model, pl.LightningModule):
             previous, model._current_fx_name = model._current_fx_name, self._current_fx_name
@@ -319,11 +349,17 @@ class JiTUnlearning(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
+        # Lightning calls it after every epoch-end save (ModelCheckpoint is a monitoring callback, called after this
+        # module's `on_train_epoch_end`) and after the callbacks' `on_train_end` (ModelCheckpoint's `save_last`).
         if self.run is None:
             return
-        verification = self.run.finish(
-            self.optimizers(), self.trainer.precision_plugin.forward_context, strict=self.strict
-        )
+        try:
+            verification = self.run.finish(
+                self.optimizers(), self.trainer.precision_plugin.forward_context, strict=self.strict
+            )
+        finally:
+            self._settle_checkpoints()
+        self.trainer.strategy.barrier("JiTUnlearning.settle_checkpoints")  # rank 0's files are settled for all
         if verification.outcome.succeeded:
             rank_zero_info(f"JiT: {verification.verdict}.")
         else:
@@ -337,24 +373,109 @@ class JiTUnlearning(pl.LightningModule):
                 f"JiT unlearning was interrupted by {type(exception).__name__}; the model's weights were restored to"
                 " their values before the run."
             )
+        self._settle_checkpoints()
+
+    def discard_unverified_checkpoints(self) -> list[str]:
+        """Remove the checkpoints the Trainer wrote while the last run was in progress and that were not settled
+        (an interrupted run leaves them as resume points). Rank 0 removes them; returns what it removed.
+
+        Example:
+            >>> JiTUnlearning(torch.nn.Linear(2, 2)).discard_unverified_checkpoints()  # not attached: nothing to do
+            []
+        """
+        io = self._atomic_io()
+        if io is None or not io.unverified_paths:
+            return []
+        paths, io.unverified_paths = list(io.unverified_paths), []
+        _, removed = settle_unverified(io, paths, None, lambda checkpoint: None)
+        if removed:
+            forget_removed_checkpoints(self.trainer, removed)
+            rank_zero_info(f"JiT: removed {len(removed)} unverified checkpoint(s) of the interrupted run: {removed}")
+        return removed
+
+    def _atomic_io(self) -> AtomicCheckpointIO | None:
+        io = self.trainer.strategy.checkpoint_io if self._trainer is not None else None
+        return io if isinstance(io, AtomicCheckpointIO) else None
+
+    def _settle_checkpoints(self) -> None:
+        """Settle the checkpoints written while the run was in progress, once it has an outcome: rewrite in the
+        model's format (with the verification record) those that hold the verified weights of a ``forgotten`` run,
+        remove every other one. A run without an outcome (interrupted) leaves them, as resume points."""
+        io, outcome = self._atomic_io(), self.outcome
+        if io is None or not io.unverified_paths:
+            return
+        if outcome is None:
+            rank_zero_info(
+                "JiT: the run was interrupted; the checkpoint(s) written during it stay as resume points, in the"
+                f" wrapper's unverified format (`trainer.fit(unlearner, ..., ckpt_path=...)`): {io.unverified_paths}"
+            )
+            return
+        paths, io.unverified_paths = list(io.unverified_paths), []
+        verified = self.state_dict() if outcome is Outcome.FORGOTTEN else None
+        rewritten, removed = settle_unverified(io, paths, verified, self._as_result)
+        if removed:
+            forget_removed_checkpoints(self.trainer, removed)
+            rank_zero_info(
+                f"JiT: removed {len(removed)} checkpoint(s) written during the run, which do not hold verified"
+                f" weights (outcome {outcome.value}): {removed}"
+            )
+        if rewritten:
+            rank_zero_info(f"JiT: rewrote {rewritten} in the model's own format, with the verification record.")
 
     # ------------------------------------------------------------------------------------------------------------------
     # Checkpoints in the wrapped model's own format
     # ------------------------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rewrite the checkpoint so that it is the wrapped model's: no ``model.`` prefix, the model's hparams. A
-        checkpoint saved while the run is in progress (e.g. by a ``ModelCheckpoint`` at the end of a pass) also holds
-        the run's state, so that ``trainer.fit(..., ckpt_path=...)`` goes on bit for bit."""
-        to_wrapped_format(checkpoint, self.model, self.settings, self.batch_format, self.safety_report())
+        """Rewrite the checkpoint so that it is the wrapped model's: no ``model.`` prefix, the model's hparams, the
+        safety report with the verification.
+
+        A checkpoint saved while the run is in progress (e.g. by a ``ModelCheckpoint`` at the end of a pass) is not a
+        result: it stays in the wrapper's own format (the ``model.`` prefix, which the model's class refuses), marked
+        :data:`~lightning_jit.lightning.checkpoint.JIT_UNVERIFIED_KEY`, with the run's state, so that
+        ``trainer.fit(..., ckpt_path=...)`` goes on bit for bit. It is settled when the run ends."""
         state = self.run.state_dict() if self.run is not None else None
         if state is not None:
             checkpoint[JIT_RUN_STATE_KEY] = state
+            checkpoint[JIT_UNVERIFIED_KEY] = {
+                "reason": "written while a JiT run was in progress: a resume point of the wrapper, not a result",
+                "steps": self.run.steps if self.run is not None else 0,
+            }
+            return
+        to_wrapped_format(checkpoint, self.model, self.settings, self.batch_format, self.safety_report())
+
+    def _as_result(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written during a ``forgotten`` run that holds its final weights, as a result: the model's
+        format, the verification record, no run state and no marker."""
+        checkpoint.pop(JIT_RUN_STATE_KEY, None)
+        checkpoint.pop(JIT_UNVERIFIED_KEY, None)
+        to_wrapped_format(checkpoint, self.model, self.settings, self.batch_format, self.safety_report())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept checkpoints in the wrapped model's format (as written by :meth:`on_save_checkpoint`), and keep the
         state of a run in progress to resume it."""
         from_wrapped_format(checkpoint)
         self._resume_state = checkpoint.get(JIT_RUN_STATE_KEY)
+
+
+class _ValidationStep:
+    """``JiTUnlearning.validation_step``: the wrapper's ``_validation_step`` when the Trainer has a val loader to run
+    (or validates), else LightningModule's own (so that Lightning sees no validation step and does not warn)."""
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None or not instance.__dict__.get("_validates", True):
+            return pl.LightningModule.validation_step.__get__(instance, owner)
+        return instance._validation_step
+
+
+JiTUnlearning.validation_step = _ValidationStep()  # type: ignore[assignment,method-assign]
+
+
+def _val_loader_given(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer's current call has validation to run: any call but ``fit``, or a fit with a val loader."""
+    if trainer.state.fn != TrainerFn.FITTING:
+        return True
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    return source is None or source.is_defined()
 
 
 class _RollbackOnError(pl.Callback):

@@ -94,7 +94,10 @@ class JiTTrialRunner:
         """Run ``trial`` (whose weights the worker holds) up to ``epochs`` in all, then measure and judge it."""
         more = epochs - trial.epochs_run
         settings = self.base.replace(
-            **trial.settings(), epochs=more, seed=seed + TRIAL_SEED_STRIDE * trial.index + trial.epochs_run
+            **trial.settings(),
+            epochs=more,
+            seed=seed + TRIAL_SEED_STRIDE * trial.index + trial.epochs_run,
+            on_unverified="keep",  # a trial goes on from its rung's weights, and the judge measures what it reached
         )
         unlearner = JiTUnlearning(
             self.worker,
