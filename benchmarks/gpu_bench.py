@@ -96,7 +96,10 @@ def check_fp16_scaler(accelerator: str) -> dict[str, Any]:
     for bad in (True, False):
         torch.manual_seed(0)
         model = InfOnMarkedBatch()
-        plain = JiTSettings.plain(sigma=0.2, lr=0.01, n_perturbations=4, seed=5)
+        # A target: a forget set across every class is otherwise a sample request, which needs held-out data.
+        plain = JiTSettings.plain(
+            sigma=0.2, lr=0.01, n_perturbations=4, seed=5, target_forget_accuracy=0.0, on_unverified="keep"
+        )
         wrapper = JiTUnlearning(model, plain, guard=False)
         device = "cuda" if accelerator == "gpu" else "cpu"
         trainer = _trainer(accelerator, plugins=[MixedPrecision("16-mixed", device)])
@@ -111,7 +114,11 @@ def _jit_weights(accelerator: str, **trainer_kwargs: Any) -> dict[str, Tensor]:
     split = load_digits_split()
     torch.manual_seed(0)
     model = DigitsCNN()
-    wrapper = JiTUnlearning(model, n_perturbations=5, epochs=2, seed=7, guard=False)  # the defaults, calibrated
+    # The defaults, calibrated, with a target (else a request across every class is a sample request) and the
+    # weights each run reaches kept, verified or not: they are what is compared.
+    wrapper = JiTUnlearning(
+        model, n_perturbations=5, epochs=2, seed=7, guard=False, target_forget_accuracy=0.0, on_unverified="keep"
+    )
     data = TensorDataset(split.x_train[:40], split.y_train[:40], torch.arange(40))
     _trainer(accelerator, max_epochs=2, use_distributed_sampler=False, **trainer_kwargs).fit(
         wrapper, DataLoader(data, batch_size=13)

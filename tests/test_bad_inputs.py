@@ -46,6 +46,11 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+#: A target for runs on `_data()`, whose labels span every class: without one it is a request for individual samples,
+#: which without held-out data makes no update (it ends `unverifiable`), and these tests are about the steps.
+STEPS = {"target_forget_accuracy": 0.0}
+
+
 def _data(n: int = 12, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -179,7 +184,7 @@ def test_any_valid_run_ends_well_or_restores_the_model(sigma, log_lr, n, chunk, 
         perturbation_chunk=chunk,
         epochs=epochs,
         clamp=clamp,
-        target_forget_accuracy=0.0,
+        **STEPS,
     )
     try:
         quiet_trainer(max_epochs=epochs).fit(wrapper, DataLoader(_data(), batch_size=4))
@@ -197,7 +202,7 @@ def test_any_valid_run_ends_well_or_restores_the_model(sigma, log_lr, n, chunk, 
 # ------------------------------------------------------------------------------------------------------------------
 def _fit_expecting(model, loader, error, match, **kwargs):
     before = WeightSnapshot(model)
-    defaults = {} if "settings" in kwargs else {"sigma": 0.1, "lr": 0.01, "n_perturbations": 2}
+    defaults = STEPS if "settings" in kwargs else {"sigma": 0.1, "lr": 0.01, "n_perturbations": 2, **STEPS}
     wrapper = JiTUnlearning(model, **{**defaults, **kwargs})
     with pytest.raises(error, match=match):
         quiet_trainer().fit(wrapper, loader)
@@ -270,6 +275,12 @@ def test_mismatched_monitor_shape():
         "`monitor` batch of shape",
         monitor=DataLoader(wrong, batch_size=4),
     )
+    before = WeightSnapshot(model := _mlp())  # a sample request reads the monitor first, for the held-out test
+    with pytest.raises(MisconfigurationException, match="`monitor` batch of shape"):
+        quiet_trainer().fit(
+            JiTUnlearning(model, task="random", monitor=DataLoader(wrong, batch_size=4)), DataLoader(_data())
+        )
+    assert before.equals(model)
 
 
 def test_integer_inputs():
@@ -284,7 +295,7 @@ def test_half_precision_model_on_cpu_with_float_inputs():
 def test_half_precision_model_on_cpu_with_half_inputs():
     model = _mlp().half()
     data = TensorDataset(_data().tensors[0].half(), _data().tensors[1])
-    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=2)
+    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=2, **STEPS)
     quiet_trainer().fit(wrapper, DataLoader(data, batch_size=4))
     assert wrapper.outcome == "not_forgotten" and weights_finite(model)  # no target: nothing claimed
     assert all(p.dtype == torch.float16 for p in model.parameters())
@@ -293,7 +304,7 @@ def test_half_precision_model_on_cpu_with_half_inputs():
 def test_one_sample_forget_set():
     model = _mlp()
     before = WeightSnapshot(model)
-    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=3, on_unverified="keep")
+    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=3, on_unverified="keep", **STEPS)
     quiet_trainer().fit(wrapper, DataLoader(_data(1), batch_size=4))
     assert wrapper.outcome == "not_forgotten" and not before.equals(model) and weights_finite(model)
 
@@ -309,7 +320,7 @@ class _Stream(IterableDataset):
 
 def test_forget_set_larger_than_memory_as_iterable_dataset():
     model = _mlp()
-    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=2)
+    wrapper = JiTUnlearning(model, sigma=0.1, lr=0.01, n_perturbations=2, **STEPS)
     trainer = quiet_trainer(limit_train_batches=5)
     trainer.fit(wrapper, DataLoader(_Stream(), batch_size=8))
     assert trainer.global_step == 5 and wrapper.outcome == "not_forgotten"
@@ -354,7 +365,7 @@ def test_tiny_sigma_warns_and_leaves_the_model_unchanged():
     before = WeightSnapshot(model)
     with pytest.warns(UserWarning, match="loss is exactly 0"):
         quiet_trainer().fit(
-            JiTUnlearning(model, sigma=1e-30, lr=0.01, n_perturbations=2), DataLoader(_data(), batch_size=4)
+            JiTUnlearning(model, sigma=1e-30, lr=0.01, n_perturbations=2, **STEPS), DataLoader(_data(), batch_size=4)
         )
     assert before.equals(model)
 

@@ -25,7 +25,9 @@ def test_a_wrapper_checkpoint_of_0_1_loads_into_the_users_class():
 
 def test_a_wrapper_run_resumes_from_a_0_1_checkpoint(digits):
     x, y = digits.x_train[:32], digits.y_train[:32]
-    unlearner = JiTUnlearning(DigitsCNN(width=2), sigma=0.1, lr=0.01, n_perturbations=2, epochs=2)
+    unlearner = JiTUnlearning(
+        DigitsCNN(width=2), sigma=0.1, lr=0.01, n_perturbations=2, epochs=2, target_forget_accuracy=0.0
+    )
     quiet_trainer(max_epochs=2).fit(
         unlearner, DataLoader(TensorDataset(x, y), batch_size=16), ckpt_path=FIXTURES / "wrapper.ckpt"
     )

@@ -153,7 +153,7 @@ def test_isolated_nonfinite_step_is_skipped_repeated_ones_diverge(digits):
     # Calls 1-3: the survey of the 3 forget batches; call 4: the first clean pass; call 5: its perturbed pass -> NaN.
     model = _OverflowOnce(nan_call=len(loader) + 2)
     # Plain JiT: the default improvements call the model more often per step (the frozen reference, the probes).
-    plain = JiTSettings.plain(sigma=0.1, lr=0.01, n_perturbations=2)
+    plain = JiTSettings.plain(sigma=0.1, lr=0.01, n_perturbations=2, target_forget_accuracy=0.0)  # a target: steps
     wrapper = _fit(JiTUnlearning(model, plain, guard=False), loader, 1)
     assert wrapper.skipped_steps == 1 and wrapper.outcome == "not_forgotten"
 

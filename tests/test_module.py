@@ -63,7 +63,11 @@ def test_gradients_are_zeroed_every_step(trained_cnn, digits):
     a.load_state_dict(trained_cnn.state_dict())
     b.load_state_dict(trained_cnn.state_dict())
     wrapper = JiTUnlearning(
-        a, JiTSettings.plain(sigma=0.2, lr=0.05, n_perturbations=3, seed=3, on_unverified="keep"), guard=False
+        a,
+        JiTSettings.plain(
+            sigma=0.2, lr=0.05, n_perturbations=3, seed=3, on_unverified="keep", target_forget_accuracy=0.0
+        ),
+        guard=False,
     )
     quiet_trainer().fit(wrapper, DataLoader(TensorDataset(x), 8))
     # Same two steps with a hand loop that zeroes gradients, drawing from the same seeded generator.
@@ -171,13 +175,24 @@ def test_plain_nn_module_and_batch_forms(digits):
     }
     for name, loader in batches.items():
         snap = WeightSnapshot(net)
-        quiet_trainer().fit(JiTUnlearning(net, sigma=0.2, lr=0.1, on_unverified="keep"), loader)
+        quiet_trainer().fit(
+            JiTUnlearning(net, sigma=0.2, lr=0.1, on_unverified="keep", target_forget_accuracy=0.0), loader
+        )
         assert not snap.equals(net), name
 
     dict_loader = DataLoader([{"image": xi, "label": yi} for xi, yi in zip(x, y, strict=True)], batch_size=8)
     snap = WeightSnapshot(net)
     quiet_trainer().fit(
-        JiTUnlearning(net, sigma=0.2, lr=0.1, input_key="image", label_key="label", on_unverified="keep"), dict_loader
+        JiTUnlearning(
+            net,
+            sigma=0.2,
+            lr=0.1,
+            input_key="image",
+            label_key="label",
+            on_unverified="keep",
+            target_forget_accuracy=0.0,
+        ),
+        dict_loader,
     )
     assert not snap.equals(net)
 
@@ -343,7 +358,13 @@ def test_logit_norm_penalty_is_applied_against_the_pre_run_model(trained_cnn, di
     x, y = digits.x_train[:16], digits.y_train[:16]
     start = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
     settings = JiTSettings.plain(
-        sigma=0.2, lr=0.5, n_perturbations=4, normalize_logits=True, seed=5, on_unverified="keep"
+        sigma=0.2,
+        lr=0.5,
+        n_perturbations=4,
+        normalize_logits=True,
+        seed=5,
+        on_unverified="keep",
+        target_forget_accuracy=0.0,
     )
 
     def run(penalty):

@@ -93,7 +93,11 @@ def test_non_finite_step_is_skipped_counted_and_never_applied(digits, _trained_s
         # Plain JiT: with probe distillation the skipped batch's classes would also leave the probes (they are forget
         # classes), so the run that never saw it would hold other probes.
         wrapper = JiTUnlearning(
-            model, JiTSettings.plain(sigma=0.2, lr=0.05, n_perturbations=4, seed=5, on_unverified="keep"), guard=False
+            model,
+            JiTSettings.plain(
+                sigma=0.2, lr=0.05, n_perturbations=4, seed=5, on_unverified="keep", target_forget_accuracy=0.0
+            ),
+            guard=False,
         )
         plugins = [MixedPrecision("16-mixed", "cpu")] if precision == "16-mixed" else []
         trainer = quiet_trainer(plugins=plugins)
@@ -132,6 +136,7 @@ def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
         guard=False,
         logit_norm_penalty=1.0,  # (10 diverges on this untrained model, whose logits are tiny)
         on_unverified="keep",  # the weights the runs reach are compared, not the original's
+        target_forget_accuracy=0.0,  # a target: the run steps (a sample request without held-out data would not)
     )
     data = TensorDataset(digits.x_train[:40], digits.y_train[:40], torch.arange(40))
     # 40 samples in batches of 13: the last batch has a single sample, so one of the two ranks gets none of it.
@@ -180,7 +185,15 @@ def test_compile_option_gives_the_same_update(digits, _trained_state):
         model = DigitsCNN()
         model.load_state_dict(_trained_state)
         wrapper = JiTUnlearning(
-            model, sigma=0.2, lr=0.05, n_perturbations=3, seed=1, guard=False, compile_model=options
+            model,
+            sigma=0.2,
+            lr=0.05,
+            n_perturbations=3,
+            seed=1,
+            guard=False,
+            compile_model=options,
+            target_forget_accuracy=0.0,
+            on_unverified="keep",
         )
         quiet_trainer().fit(wrapper, loader)
         assert len(wrapper._compiled) == (1 if options else 0)

@@ -42,7 +42,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import ForgetSurvey, calibrate_step, kl_moved, scoped_parameters, survey_forget_set
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
-from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
+from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent, monitor_logits
 from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
@@ -1162,25 +1162,27 @@ class JiTRun:
         no-grad pass booked as ``heldout``), gathered over the processes. Forget batches without labels are measured
         against the original's predictions (``original``: its weights)."""
         fmt, device = self.batch_format, self._device()
+        like = self.params[0]
         losses, hits = [], []
         with normalization_mode(self.model, "eval"), self.cost.kind("heldout"):
-            for batch in batches:
-                batch = _to_device(batch, device)
-                if name == "forget":
-                    x, labels = fmt.forget_input(batch), fmt.labels(batch)
-                else:
-                    x, labels = fmt.input_and_labels(batch, name)
-                if self.collectives.split == "shard":
-                    x, labels = self._shard_pair(x, labels)
-                if x.shape[0] == 0:
-                    continue
+            coll = self.collectives
+            same_everywhere = name == "monitor" or coll.split == "shard"  # else each process holds its own batches
+            for index, batch in enumerate(batches):
+                if coll.world_size > 1 and same_everywhere and index % coll.world_size != coll.rank:
+                    continue  # every process reads the same batches and scores its share of them
                 context = forward_context() if forward_context is not None else contextlib.nullcontext()
                 with context:
-                    logits = fmt.logits(self.model(x), x.shape[0]).float()
-                    if labels is None:
-                        if original is None:
-                            raise JiTInputError(f"The {name} batches carry no labels; the held-out test needs them.")
-                        labels = fmt.logits(torch.func.functional_call(self.model, original, (x,))).argmax(1)
+                    if name == "monitor":
+                        logits, labels = monitor_logits(self.model, fmt, batch, like)
+                    else:
+                        batch = _to_device(batch, device)
+                        x, labels = fmt.forget_input(batch), fmt.labels(batch)
+                        logits = fmt.logits(self.model(x), x.shape[0])
+                        if labels is None:
+                            if original is None:
+                                raise JiTInputError("The forget batches carry no labels; the held-out test needs them.")
+                            labels = fmt.logits(torch.func.functional_call(self.model, original, (x,))).argmax(1)
+                logits = logits.float()
                 labels = labels.to(logits.device).long()
                 losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
                 hits.append((logits.argmax(1) == labels).double())

@@ -105,6 +105,21 @@ class GuardEvent:
         return asdict(self)
 
 
+def monitor_logits(model: nn.Module, batch_format: BatchFormat, batch: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's logits and the labels of one ``monitor`` batch, moved to ``like``'s device and dtype; a batch that
+    cannot be read or does not fit the model raises ``MisconfigurationException`` naming ``monitor``."""
+    try:
+        x, y = batch_format.input_and_labels(batch, "monitor")
+    except JiTInputError as err:
+        raise MisconfigurationException(f"`monitor` yielded a batch JiT cannot read: {err}") from err
+    try:
+        return batch_format.logits(model(x.to(device=like.device, dtype=like.dtype))), y
+    except (RuntimeError, TypeError) as err:
+        raise MisconfigurationException(
+            f"`monitor` batch of shape {tuple(x.shape)} does not fit `model`: {err}"
+        ) from err
+
+
 class CollapseCheck:
     """The guard's measurements and verdicts for one run (the engine decides what to do with them).
 
@@ -192,16 +207,7 @@ class CollapseCheck:
         correct, total, finite = 0, 0, True
         with normalization_mode(model, "eval"):
             for batch in self.monitor:  # type: ignore[union-attr]
-                try:
-                    x, y = self.batch_format.input_and_labels(batch, "monitor")
-                except JiTInputError as err:
-                    raise MisconfigurationException(f"`monitor` yielded a batch JiT cannot read: {err}") from err
-                try:
-                    logits = self.batch_format.logits(model(x.to(device=like.device, dtype=like.dtype)))
-                except (RuntimeError, TypeError) as err:
-                    raise MisconfigurationException(
-                        f"`monitor` batch of shape {tuple(x.shape)} does not fit `model`: {err}"
-                    ) from err
+                logits, y = monitor_logits(model, self.batch_format, batch, like)
                 finite = finite and bool(logits.isfinite().all())
                 correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
                 total += int(y.shape[0])

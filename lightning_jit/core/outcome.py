@@ -115,6 +115,7 @@ class Verification:
     extra: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     heldout_test: dict[str, Any] | None = None
+    restored: bool | None = None
 
     @property
     def verdict(self) -> str:
