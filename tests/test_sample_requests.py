@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from _utils import quiet_trainer
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_jit import JiTUnlearning, JiTUnlearningCallback, JiTUnlearningFailed, Outcome
 from lightning_jit.core.membership import membership_auc, sample_test
@@ -93,16 +93,41 @@ def _loader(x, y, batch_size=64):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def test_unseen_samples_are_verified_forgotten_without_any_update(trained_cnn, digits):
+def test_unseen_samples_are_verified_forgotten_without_any_update(digits):
     """A request for samples the model never trained on: they already look like held-out data, so the run verifies
     that and changes nothing."""
-    start = WeightSnapshot(trained_cnn)
-    unlearner = JiTUnlearning(trained_cnn, monitor=_loader(digits.x_test[120:], digits.y_test[120:]))
-    quiet_trainer(max_epochs=-1).fit(unlearner, _loader(digits.x_test[:120], digits.y_test[:120], 32))
+    model, _ = _memorised_poison(digits)
+    start = WeightSnapshot(model)
+    unlearner = JiTUnlearning(model, monitor=_loader(digits.x_test[150:], digits.y_test[150:]), task="random")
+    quiet_trainer(max_epochs=-1).fit(unlearner, _loader(digits.x_test[:150], digits.y_test[:150], 32))
     test = unlearner.verification.heldout_test
-    assert unlearner.outcome == Outcome.FORGOTTEN and start.equals(trained_cnn)
-    assert test["n_forget"] == 120 and test["n_heldout"] == len(digits.y_test) - 120
+    assert unlearner.outcome == Outcome.FORGOTTEN and start.equals(model)
+    assert test["n_forget"] == 150 and test["n_heldout"] == len(digits.y_test) - 150
+    assert test["memorised_p"] < test["alpha"] <= test["accuracy_p"]  # powered, and passed
     assert unlearner.run.steps == 0 and "indistinguishable" in unlearner.verification.verdict
+
+
+def test_a_request_too_small_to_tell_a_memorised_set_is_unverifiable(digits):
+    """Five poisoned rows recognised to the last one would pass the accuracy test against this held-out data, so
+    passing says nothing: no update, and the record says how many samples it takes."""
+    model, poison = _memorised_poison(digits)
+    start = WeightSnapshot(model)
+    unlearner = JiTUnlearning(model, monitor=_loader(digits.x_test, digits.y_test), task="random")
+    with pytest.warns(JiTOutcomeWarning, match="too few forget samples to verify"):
+        quiet_trainer(max_epochs=-1).fit(unlearner, DataLoader(Subset(poison, range(5)), batch_size=5))
+    test = unlearner.verification.heldout_test
+    assert unlearner.outcome == Outcome.UNVERIFIABLE and start.equals(model) and unlearner.run.steps == 0
+    assert test["memorised_p"] >= test["alpha"] and test["min_forget"] > 5
+
+
+def test_min_forget_samples_is_the_first_size_fisher_rejects():
+    from scipy.stats import fisher_exact
+
+    from lightning_jit.core.membership import min_forget_samples
+
+    for hits, n in [(925, 1000), (380, 450), (99, 100)]:
+        by_hand = next(m for m in range(1, 5000) if fisher_exact([[m, 0], [hits, n - hits]]).pvalue < 0.05)
+        assert min_forget_samples(hits, n) == by_hand
 
 
 def test_memorised_poisoned_rows_are_not_claimed(digits):
@@ -130,11 +155,11 @@ def test_a_sample_request_without_heldout_data_is_unverifiable_and_changes_nothi
     assert strict.run.steps == 0 and start.equals(model)
 
 
-def test_the_callback_records_unverifiable_ids_once_and_retries_them_only_with_heldout_data(digits, tmp_path):
+def test_the_callback_records_unverifiable_ids_and_tries_them_again_only_when_that_can_change(digits, tmp_path):
     model, poison = _memorised_poison(digits)
-    ids = torch.arange(40)
-    requests = TensorDataset(poison.tensors[0], poison.tensors[1], ids)
+    requests = TensorDataset(poison.tensors[0], poison.tensors[1], torch.arange(40))
     job = _loader(digits.x_train[400:528], digits.y_train[400:528])
+    heldout = _loader(digits.x_test, digits.y_test)
 
     def fit(callback, epochs=1):
         trainer = quiet_trainer(
@@ -142,20 +167,39 @@ def test_the_callback_records_unverifiable_ids_once_and_retries_them_only_with_h
         )
         trainer.fit(_LitMLP(model), job)
 
+    # No held-out data: attempted once, then not at every job.
     callback = JiTUnlearningCallback(requests, task="random", when="train_epoch_end", audit_path=None)
-    fit(callback, epochs=2)  # two jobs' worth of epoch ends: the ids are attempted once, then not retried
-    attempted = [run["counts"]["attempted"] for run in callback.ledger.runs]
-    assert attempted == [40, 0] and callback.ledger.runs[0]["outcome"] == "unverifiable"
-    assert all(callback.ledger.is_unverifiable(i) for i in range(40)) and len(callback.ledger) == 0
+    fit(callback, epochs=2)
+    assert [run["counts"]["attempted"] for run in callback.ledger.runs] == [40, 0]
+    assert callback.ledger.runs[0]["outcome"] == "unverifiable" and len(callback.ledger) == 0
+    assert all(callback.ledger.is_unverifiable(i) for i in range(40))
 
+    # Held-out data now: tried again, tested, and not claimed (the rows are memorised).
     with_heldout = JiTUnlearningCallback(
-        requests, task="random", when="train_epoch_end", audit_path=None, monitor=_loader(digits.x_test, digits.y_test)
+        requests, task="random", when="train_epoch_end", audit_path=None, monitor=heldout
     )
     with_heldout.ledger.load_state_dict(callback.ledger.state_dict())
     fit(with_heldout)
     run = with_heldout.ledger.runs[-1]
-    assert run["counts"]["attempted"] == 40 and run["outcome"] == "not_forgotten"  # retried, tested, not claimed
+    assert run["counts"]["attempted"] == 40 and run["outcome"] == "not_forgotten"
     assert run["verification"]["heldout_test"]["n_heldout"] == len(digits.y_test)
+
+    # A request too small to verify waits for new ids, then is tried with them.
+    small = JiTUnlearningCallback(
+        lambda: Subset(requests, range(size[0])),
+        task="random",
+        when="train_epoch_end",
+        audit_path=None,
+        monitor=heldout,
+    )
+    size = [5]
+    fit(small, epochs=2)
+    assert [r["counts"]["attempted"] for r in small.ledger.runs] == [5, 0] and small.ledger.runs[0][
+        "outcome"
+    ] == "unverifiable"
+    size[0] = 40
+    fit(small)
+    assert small.ledger.runs[-1]["counts"]["attempted"] == 40 and small.ledger.runs[-1]["outcome"] == "not_forgotten"
 
 
 class _LitMLP(pl.LightningModule):

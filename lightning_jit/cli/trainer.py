@@ -150,7 +150,7 @@ class JiTTrainer(pl.Trainer):
             "skipped_steps": wrapper.skipped_steps,
         }
         assert verification is not None
-        if verification.outcome is Outcome.UNVERIFIABLE:  # the run made no update
+        if verification.outcome is Outcome.UNVERIFIABLE and heldout is None:  # the run made no update
             raise JiTUsageError(
                 "--forget.heldout",
                 "the forget set names individual samples, which are verified against held-out data the model never"

@@ -262,8 +262,10 @@ class JiTRun:
         self._nonfinite_streak = 0
         self._pre_run: WeightSnapshot | None = None
         self._last_good: WeightSnapshot | None = None
-        #: A sample request without held-out data: nothing can be verified, so the run does no work.
+        #: A sample request without held-out data, or too small for the held-out test to tell a memorised set: nothing
+        #: can be verified, so the run does no work.
         self.unverifiable = False
+        self._unverifiable_reason: str | None = None
         #: The held-out test on the original weights, for a sample request (see :meth:`_prepare_sample_request`).
         self.sample_test_before: SampleTest | None = None
         self._nothing_to_do = False
@@ -520,7 +522,7 @@ class JiTRun:
         # An error or an interruption up to here leaves the run unfinished: the front's `abort` restores the weights.
         measured = self._measure_forget(forward_context, "verification")
         sample = None
-        if self.is_sample_request and not self.unverifiable:
+        if self.is_sample_request and self.monitor is not None:
             sample = self.sample_test_before if self._nothing_to_do else self._sample_test(forward_context)
         verification = self._outcome(measured, sample)
         if verification.outcome is Outcome.FORGOTTEN and self.siblings is not None:
@@ -1099,8 +1101,8 @@ class JiTRun:
         if self.diverged:
             outcome = Outcome.DIVERGED
         elif self.unverifiable:
-            outcome, reason = Outcome.UNVERIFIABLE, UNVERIFIABLE_REASON
-        elif sample is not None and sample.passed:
+            outcome, reason = Outcome.UNVERIFIABLE, self._unverifiable_reason
+        elif sample is not None and sample.verified:
             outcome = Outcome.FORGOTTEN
         elif sample is None and target is not None and accuracy is not None and accuracy <= target:
             outcome = Outcome.FORGOTTEN
@@ -1131,15 +1133,19 @@ class JiTRun:
     # Sample requests: the held-out test
     # ------------------------------------------------------------------------------------------------------------------
     def _prepare_sample_request(self) -> None:
-        """Before any update of a sample request: without held-out data it cannot be verified, so the run settles
-        as ``unverifiable`` and does no work; with it, the held-out test runs on the original weights, and if the
-        forget samples already look like held-out data there is nothing to undo."""
+        """Before any update of a sample request: without held-out data, or with too few forget samples for the
+        held-out test to tell a memorised set, it cannot be verified, so the run settles as ``unverifiable`` and does
+        no work; otherwise, if the forget samples already look like held-out data on the original weights, there is
+        nothing to undo."""
         if self.monitor is None:
             self.unverifiable = True  # the fronts say so: the wrapper raises under `strict`, the callback once
+            self._unverifiable_reason = UNVERIFIABLE_REASON
             return
-        self.sample_test_before = self._sample_test(None)
-        self.calibrated["heldout_test_before"] = self.sample_test_before.as_dict()
-        self._nothing_to_do = self.sample_test_before.passed
+        test = self.sample_test_before = self._sample_test(None)
+        self.calibrated["heldout_test_before"] = test.as_dict()
+        if not test.powered:  # even a memorised set would pass: nothing the run does could be verified
+            self.unverifiable, self._unverifiable_reason = True, test.too_small
+        self._nothing_to_do = test.passed
 
     def _sample_test(self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> SampleTest:
         """The held-out test on the current weights: per-sample losses and hits of the forget set and of the

@@ -11,9 +11,13 @@ validation split): on the final weights, the forget set must be indistinguishabl
   against 0.5 with the Mann-Whitney U test, and reported with a DeLong interval.
 
 Both tests are two-sided: forgetting too much makes the forget samples stand out again (the Streisand effect), and
-that fails too. A test that does not reject is only as strong as its power: :class:`SampleTest` records the smallest
-accuracy gap and AUC gap that these sizes would detect, so that a request of a few samples is never reported as more
-than it is.
+that fails too.
+
+A test that does not reject is only as strong as its power. A memorised forget set is recognised to the last sample;
+if even such a set would pass the accuracy test at these sizes, not rejecting says nothing, and the request is *too
+small to verify* (:attr:`SampleTest.powered` is false; :attr:`SampleTest.min_forget` says how many forget samples
+it takes against this held-out data). :class:`SampleTest` also records the smallest accuracy gap and AUC gap that
+these sizes detect, so that a request is never reported as more than it is.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class SampleTest:
         auc_p: Two-sided p-value of the Mann-Whitney U test of AUC = 0.5.
         detectable_auc_gap: The distance from 0.5 that these sizes detect at ``alpha`` (under the null hypothesis).
         alpha: Significance level of each test.
+        memorised_p: The accuracy test's p-value for a forget set of this size recognised to the last sample (what
+            a memorised set looks like).
+        min_forget: The fewest forget samples for which such a set is rejected against this held-out data (``None``
+            when none is: the held-out data is recognised to the last sample too).
         passed: Neither test rejects: the forget samples are indistinguishable from held-out data at these sizes.
     """
 
@@ -64,7 +72,19 @@ class SampleTest:
     auc_p: float
     detectable_auc_gap: float
     alpha: float
+    memorised_p: float
+    min_forget: int | None
     passed: bool
+
+    @property
+    def powered(self) -> bool:
+        """Whether a memorised forget set of this size would fail the test: only then does passing mean anything."""
+        return self.memorised_p < self.alpha
+
+    @property
+    def verified(self) -> bool:
+        """The claim the outcome rests on: the test could tell a memorised set, and it passed."""
+        return self.powered and self.passed
 
     @property
     def summary(self) -> str:
@@ -83,6 +103,20 @@ class SampleTest:
             f" (p={self.accuracy_p:.2g}); membership AUC {self.auc:.2f} [{self.auc_low:.2f}, {self.auc_high:.2f}]"
             f" (p={self.auc_p:.2g}); these sizes detect an accuracy gap of {self.detectable_accuracy_gap:.1f} points"
             f" or an AUC gap of {self.detectable_auc_gap:.2f}"
+        )
+
+    @property
+    def too_small(self) -> str:
+        """Why a test without power verifies nothing, and what it would take."""
+        need = (
+            f"at least {self.min_forget} forget samples are needed against this held-out data"
+            if self.min_forget is not None
+            else "the held-out data is recognised to the last sample, so memorisation cannot show in accuracy"
+        )
+        return (
+            f"too few forget samples to verify: against {self.n_heldout} held-out samples {self.heldout_accuracy:.1f}%"
+            f" accurate, even {self.n_forget} forget samples recognised to the last one would pass (p="
+            f"{self.memorised_p:.2g}); {need}"
         )
 
     @property
@@ -177,6 +211,7 @@ def sample_test(
     accuracy_p = float(stats.fisher_exact([[hits_f, m - hits_f], [hits_h, n - hits_h]]).pvalue)
     pooled = (hits_f + hits_h) / (m + n)
     detectable_accuracy_gap = 100.0 * z * math.sqrt(pooled * (1 - pooled) * (1 / m + 1 / n))
+    memorised_p = float(stats.fisher_exact([[m, 0], [hits_h, n - hits_h]]).pvalue)
     auc = membership_auc(forget_loss, heldout_loss)
     if np.all(f == f[0]) and np.all(h == f[0]):
         auc_p = 1.0  # every score ties: nothing separates the two sides
@@ -196,8 +231,38 @@ def sample_test(
         auc_p=auc_p,
         detectable_auc_gap=z * math.sqrt((m + n + 1) / (12.0 * m * n)),
         alpha=alpha,
+        memorised_p=memorised_p,
+        min_forget=min_forget_samples(hits_h, n, alpha),
         passed=accuracy_p >= alpha and auc_p >= alpha,
     )
 
 
-__all__ = ["ALPHA", "SampleTest", "membership_auc", "sample_test"]
+def min_forget_samples(heldout_hits: int, n_heldout: int, alpha: float = ALPHA, limit: int = 1_000_000) -> int | None:
+    """The fewest forget samples for which a set recognised to the last sample fails Fisher's exact test against
+    held-out data with ``heldout_hits`` of ``n_heldout`` recognised (``None`` if none up to ``limit`` does).
+
+    Example:
+        >>> min_forget_samples(925, 1000)  # held-out accuracy 92.5%
+        47
+        >>> min_forget_samples(1000, 1000) is None  # nothing to tell apart
+        True
+    """
+
+    def rejected(m: int) -> bool:
+        return stats.fisher_exact([[m, 0], [heldout_hits, n_heldout - heldout_hits]]).pvalue < alpha
+
+    if heldout_hits >= n_heldout:
+        return None
+    high = 1
+    while not rejected(high):
+        high *= 2
+        if high > limit:
+            return None
+    low = high // 2  # not rejected (or 0); the p-value falls as the set grows
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if rejected(mid) else (mid, high)
+    return high
+
+
+__all__ = ["ALPHA", "SampleTest", "membership_auc", "min_forget_samples", "sample_test"]

@@ -23,7 +23,8 @@ class Outcome(str, Enum):
       original.
     * ``diverged``: the run diverged; the weights from before the run were restored and an error was raised.
     * ``unverifiable``: a request that names individual samples came without held-out data to verify it against
-      (``monitor=``); the run made no update. Not a failure of the method: give held-out data and ask again.
+      (``monitor=``), or with too few samples for the held-out test to tell a memorised set; the run made no update.
+      Not a failure of the method: give held-out data, or join the request with later ones.
 
     Example:
         >>> Outcome.FORGOTTEN.succeeded, Outcome("rolled_back").succeeded
@@ -65,9 +66,15 @@ _ADVICE = {
     Outcome.DIVERGED: "The model is the original. Try a smaller `lr` or a larger `sigma`, or let them be calibrated.",
     Outcome.UNVERIFIABLE: (
         "The model is unchanged. Give `monitor=` a labelled loader of data the model never trained on (your"
-        " validation split), and the request is verified against it."
+        " validation split); a request too small to verify against it can be joined with later ones."
     ),
 }
+
+
+_SAMPLE_ADVICE = (
+    "The model memorised these samples, and this version has no update that verifiably forgets memorised samples"
+    " without costing accuracy on other data (docs/sample_requests.md): retraining without them is the verified way."
+)
 
 
 @dataclass
@@ -154,12 +161,20 @@ class Verification:
         passes = f" after {self.passes} pass{'es' if self.passes != 1 else ''}" if self.passes else ""
         return f"NOT forgotten: {share}{passes} ({target}){_kept(self.restored)}"
 
+    @property
+    def advice(self) -> str:
+        """What to do next, in one line: the outcome's, or for a sample request that was not forgotten, what is known
+        about memorised samples."""
+        if self.heldout_test is not None and self.outcome is Outcome.NOT_FORGOTTEN:
+            return _SAMPLE_ADVICE
+        return self.outcome.advice
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the outcome as its string), with the verdict and the advice."""
         out = asdict(self)
         out["outcome"] = self.outcome.value
         out["verdict"] = self.verdict
-        out["advice"] = self.outcome.advice
+        out["advice"] = self.advice
         return out
 
 
@@ -209,4 +224,4 @@ class JiTUnlearningFailed(RuntimeError):
 
     def __init__(self, verification: Verification) -> None:
         self.verification = verification
-        super().__init__(f"{verification.verdict}. {verification.outcome.advice}")
+        super().__init__(f"{verification.verdict}. {verification.advice}")

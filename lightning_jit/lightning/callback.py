@@ -179,8 +179,9 @@ class JiTUnlearningCallback(Callback):
         guard: The collapse guard, as in :class:`~lightning_jit.lightning.module.JiTUnlearning`.
         monitor: Optional labelled loader of held-out data the model never trained on (e.g. the validation
             split), never used for gradients: the guard watches its accuracy, and a request that names individual
-            samples is verified against it (:mod:`lightning_jit.core.membership`). Without it such a request is
-            recorded as unverifiable and its ids are not retried until a monitor is given.
+            samples is verified against it (:mod:`lightning_jit.core.membership`). Without it, or when the request is
+            too small for the test to tell a memorised set, its ids are recorded as unverifiable, the model is left
+            unchanged, and they are tried again only with new ids or once a monitor is given.
         retain: Optional loader of samples the job keeps, as in :class:`~lightning_jit.lightning.module.JiTUnlearning`.
         audit_path: The audit file (default: ``jit_audit.jsonl`` next to the checkpoints).
         checkpoint_filename: File name of the checkpoint saved after each run that forgot something, in the first
@@ -304,7 +305,7 @@ class JiTUnlearningCallback(Callback):
             rank_zero_info(
                 "JiTUnlearningCallback: no `monitor=` held-out data, so a request that names individual samples (not"
                 " whole classes) cannot be verified: its ids are recorded as unverifiable, the model is left"
-                " unchanged, and they are retried once a `monitor=` loader (e.g. the validation split) is given."
+                " unchanged, and they are tried again once a `monitor=` loader (e.g. the validation split) is given."
             )
         if isinstance(self.forget, (DataLoader, Dataset)):
             # A fixed forget set is checked now, before any training or weight change.
@@ -455,7 +456,7 @@ class JiTUnlearningCallback(Callback):
         else:
             forget = self._resolve(source)
         requested = list(forget.ids) if forget is not None else []
-        pending_ids = self.ledger.pending(requested, retry_unverifiable=self.monitor is not None)
+        pending_ids = self._pending(requested)
         pending_keys = {id_key(i) for i in pending_ids}
         indices = [k for k, i in enumerate(requested) if id_key(i) in pending_keys]
 
@@ -506,8 +507,9 @@ class JiTUnlearningCallback(Callback):
                 # Said once at set-up; the ids are not retried at every job, only once a `monitor=` is given.
                 unverifiable = pending_ids
                 rank_zero_info(
-                    f"JiT: {len(pending_ids)} id(s) of a sample request recorded as unverifiable (no held-out data);"
-                    " the model is unchanged."
+                    f"JiT: {record['verification']['verdict']}. The {len(pending_ids)} id(s) are recorded as"
+                    " unverifiable and the model is unchanged; they are tried again with the next new ids, or once a"
+                    " `monitor=` is given."
                 )
             else:
                 rank_zero_warn(
@@ -525,7 +527,9 @@ class JiTUnlearningCallback(Callback):
         record["versions"] = environment_versions()
         record["audit_path"] = str(self._audit_path(trainer))
         record["counts"]["unverifiable"] = len(unverifiable)
-        record = self.ledger.add_run(record, forgotten=verified, unverifiable=unverifiable)
+        record = self.ledger.add_run(
+            record, forgotten=verified, unverifiable=unverifiable, with_heldout=self.monitor is not None
+        )
         if checkpoint is not None:
             trainer.save_checkpoint(checkpoint)  # every rank calls it; it ends with a barrier
         if trainer.is_global_zero:
@@ -535,6 +539,21 @@ class JiTUnlearningCallback(Callback):
             write_audit_record(record["audit_path"], audit)
         strategy.barrier("JiTUnlearningCallback.audit")
         self._log(trainer, {k: v for k, v in _summary(record).items() if v is not None and math.isfinite(v)})
+
+    def _pending(self, requested: list[SampleId]) -> list[SampleId]:
+        """The requested ids to attempt, in request order: those never attempted or not verified, and those recorded
+        as unverifiable only when that could now change: new ids join them (a request too small to verify may not be
+        once it grows), or held-out data is given where there was none. So a request that cannot be verified is not
+        retried at every job."""
+        new = {id_key(i) for i in self.ledger.pending(requested)}
+        waiting = [i for i in requested if self.ledger.is_unverifiable(i)]
+        heldout_now = self.monitor is not None
+        retry = {
+            id_key(i)
+            for i in waiting
+            if new or (heldout_now and not self.ledger.unverifiable[id_key(i)]["with_heldout"])
+        }
+        return [i for i in requested if id_key(i) in new or id_key(i) in retry]
 
     def _unlearn(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, forget: _Forget, indices: list[int]

@@ -181,8 +181,8 @@ class DeletionLedger:
         >>> restored.pending([1, 2, 3])
         [3]
         >>> _ = restored.add_run({"ids": [3]}, forgotten=[], unverifiable=[3])
-        >>> restored.pending([1, 2, 3]), restored.pending([1, 2, 3], retry_unverifiable=True)
-        ([], [3])
+        >>> restored.pending([1, 2, 3]), restored.is_unverifiable(3)
+        ([], True)
     """
 
     def __init__(self) -> None:
@@ -199,17 +199,20 @@ class DeletionLedger:
     def is_unverifiable(self, value: SampleId) -> bool:
         return id_key(value) in self.unverifiable
 
-    def pending(self, ids: Iterable[SampleId], retry_unverifiable: bool = False) -> list[SampleId]:
-        """The ids not forgotten yet, in their order; those recorded as unverifiable only with
-        ``retry_unverifiable`` (held-out data is now at hand)."""
-        done = self.forgotten if retry_unverifiable else {**self.forgotten, **self.unverifiable}
-        return [i for i in ids if id_key(i) not in done]
+    def pending(self, ids: Iterable[SampleId]) -> list[SampleId]:
+        """The ids neither forgotten nor recorded as unverifiable, in their order."""
+        return [i for i in ids if id_key(i) not in self.forgotten and id_key(i) not in self.unverifiable]
 
     def add_run(
-        self, record: dict[str, Any], forgotten: Sequence[SampleId], unverifiable: Sequence[SampleId] = ()
+        self,
+        record: dict[str, Any],
+        forgotten: Sequence[SampleId],
+        unverifiable: Sequence[SampleId] = (),
+        with_heldout: bool = False,
     ) -> dict[str, Any]:
         """Append a run's record (given its run index), mark ``forgotten`` as forgotten and ``unverifiable`` as
-        unverifiable at the record's time."""
+        unverifiable at the record's time (``with_heldout``: whether held-out data was at hand, so that the request
+        was too small rather than without data to test against)."""
         record = dict(record)
         record["run"] = len(self.runs)
         record.setdefault("time", utc_now())
@@ -218,7 +221,8 @@ class DeletionLedger:
             self.forgotten[id_key(value)] = entry
             self.unverifiable.pop(id_key(value), None)
         for value in unverifiable:
-            self.unverifiable[id_key(value)] = {"id": value, "run": record["run"], "time": record["time"]}
+            entry = {"id": value, "run": record["run"], "time": record["time"], "with_heldout": bool(with_heldout)}
+            self.unverifiable[id_key(value)] = entry
         self.runs.append(record)
         return record
 

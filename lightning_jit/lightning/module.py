@@ -363,7 +363,7 @@ class JiTUnlearning(pl.LightningModule):
         if verification.outcome.succeeded:
             rank_zero_info(f"JiT: {verification.verdict}.")
         else:
-            rank_zero_warn(f"JiT: {verification.verdict}. {verification.outcome.advice}", category=JiTOutcomeWarning)
+            rank_zero_warn(f"JiT: {verification.verdict}. {verification.advice}", category=JiTOutcomeWarning)
 
     def _abort_run(self, exception: BaseException) -> None:
         """Restore the weights from before the run after an exception (called by the rollback callback)."""
