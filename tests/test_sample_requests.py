@@ -130,15 +130,61 @@ def test_min_forget_samples_is_the_first_size_fisher_rejects():
         assert min_forget_samples(hits, n) == by_hand
 
 
-def test_memorised_poisoned_rows_are_not_claimed(digits):
+def _memorising_mlp(x, y):
+    """An MLP that memorises a few hundred digits (train 100%, test several points lower)."""
+    torch.manual_seed(0)
+    model = _MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        for i in range(0, len(y), 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_memorised_samples_are_forgotten_to_the_heldout_level_without_costing_test_accuracy(digits):
+    """90 samples the model memorised (100% recognised): afterwards they look like held-out data, the record's test
+    is the one recomputed by hand on the final weights, and on data neither side used the model is as accurate as
+    one retrained without them."""
+    from lightning_jit.demo.data import accuracy
+
+    model = _memorising_mlp(digits.x_train[:300], digits.y_train[:300])
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    forget, kept = order[:90], order[90:]
+    xf, yf = digits.x_train[forget], digits.y_train[forget]
+    retrained = _memorising_mlp(digits.x_train[kept], digits.y_train[kept])  # the gold standard
+    heldout, test = (digits.x_test[:225], digits.y_test[:225]), (digits.x_test[225:], digits.y_test[225:])
+    assert accuracy(model, xf, yf) == 100.0 and accuracy(model, *heldout) < 97.0
+    unlearner = JiTUnlearning(model, monitor=_loader(*heldout), task="random", seed=0)
+    quiet_trainer(max_epochs=-1).fit(unlearner, _loader(xf, yf, 8))
+    record = unlearner.verification.heldout_test
+    with torch.no_grad():
+        lf, lh = model(xf), model(heldout[0])
+    by_hand = sample_test(
+        F.cross_entropy(lf, yf, reduction="none"),
+        lf.argmax(1) == yf,
+        F.cross_entropy(lh, heldout[1], reduction="none"),
+        lh.argmax(1) == heldout[1],
+    )
+    assert unlearner.outcome == Outcome.FORGOTTEN and unlearner.run.steps > 0
+    assert record["auc"] == pytest.approx(by_hand.auc) and record["forget_accuracy"] == by_hand.forget_accuracy
+    assert by_hand.verified and by_hand.forget_accuracy < 100.0
+    assert accuracy(model, *test) >= accuracy(retrained, *test) - 1.0
+    assert abs(by_hand.forget_accuracy - accuracy(retrained, xf, yf)) <= 10.0
+
+
+def test_memorised_wrong_labels_are_not_claimed(digits):
+    """Poisoned rows (memorised wrong labels) are not like held-out data under their given labels, whatever the run
+    does: the held-out test does not pass, and the weights are restored."""
     model, poison = _memorised_poison(digits)
+    start = WeightSnapshot(model)
     unlearner = JiTUnlearning(model, monitor=_loader(digits.x_test, digits.y_test), task="random")
     with pytest.warns(JiTOutcomeWarning, match="still differ from"):
         quiet_trainer(max_epochs=-1).fit(unlearner, DataLoader(poison, batch_size=20))
     test = unlearner.verification.heldout_test
-    assert unlearner.outcome == Outcome.NOT_FORGOTTEN and not test["passed"]
-    assert test["forget_accuracy"] == 100.0 and test["forget_accuracy"] > test["heldout_accuracy"]
-    assert unlearner.verification.reason.startswith("the forget accuracy is above the held-out accuracy")
+    assert unlearner.outcome == Outcome.NOT_FORGOTTEN and not test["passed"] and start.equals(model)
+    assert unlearner.verification.reason.startswith("the forget accuracy is")
 
 
 def test_a_sample_request_without_heldout_data_is_unverifiable_and_changes_nothing(digits):

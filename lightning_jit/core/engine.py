@@ -38,11 +38,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_jit.core import calibration
+from lightning_jit.core import matching as sample_matching
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import ForgetSurvey, calibrate_step, kl_moved, scoped_parameters, survey_forget_set
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent, monitor_logits
+from lightning_jit.core.matching import (
+    MAX_BASIS,
+    HeldoutProjection,
+    MarginTargets,
+    label_margin,
+    matching_loss,
+)
 from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
@@ -269,6 +277,10 @@ class JiTRun:
         #: The held-out test on the original weights, for a sample request (see :meth:`_prepare_sample_request`).
         self.sample_test_before: SampleTest | None = None
         self._nothing_to_do = False
+        #: The update of a sample request: its margin targets and held-out projection (:mod:`.matching`).
+        self.matching: tuple[MarginTargets, HeldoutProjection] | None = None
+        self._scores: tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+        self._pass_scores: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------------------------------------------------------
     # What the run resolves at its start
@@ -299,6 +311,8 @@ class JiTRun:
     def max_passes(self) -> int | None:
         if self.settings.epochs is not None:
             return self.settings.epochs
+        if self.matching is not None:
+            return sample_matching.MAX_PASSES
         return 1 if self.task == "random" else None
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -488,9 +502,46 @@ class JiTRun:
         return report
 
     def end_pass(self, epoch: int) -> bool:
-        """Call after each pass over the forget set. Returns whether the run must end: its pass bound is reached."""
+        """Call after each pass over the forget set. Returns whether the run must end: its pass bound is reached, or
+        (a sample request) the forget set passed the held-out test on the scores measured during the pass."""
         self.passes += 1
+        if self.matching is not None and self._matched_during_pass():
+            self.stopped_early = True
+            return True
         return self.max_passes is not None and epoch + 1 >= self.max_passes
+
+    def _matched_during_pass(self) -> bool:
+        """Whether the forget samples, as measured by the clean passes of this pass (before each update), look like
+        the held-out data did on the original weights: the held-out test passes, and the forget accuracy is not above
+        the held-out accuracy or the membership AUC is down to chance (going on would make them stand out the other
+        way). The outcome is decided on the final weights, not here."""
+        assert self._scores is not None
+        scored, self._pass_scores = self._pass_scores, []
+        if not scored:
+            return False
+        loss = self._gather(torch.cat([s[0] for s in scored]))
+        hits = self._gather(torch.cat([s[1] for s in scored]).double()).bool()
+        _, (heldout_loss, heldout_hits, _) = self._scores
+        test = sample_test(loss, hits, heldout_loss, heldout_hits)
+        return test.passed and (test.forget_accuracy <= test.heldout_accuracy or test.auc <= 0.5)
+
+    def _matching_loss(self, x: Tensor, clean: Tensor, labels: Tensor | None) -> Tensor:
+        """The one-sided pull of each forget sample's margin to its target (summed over this process's samples), and
+        the scores the stopping rule reads at the end of the pass."""
+        assert self.matching is not None and self.reference is not None
+        targets, _ = self.matching
+        with self.cost.kind("penalty"), torch.no_grad():
+            reference = self.batch_format.logits(self.reference(x), x.shape[0]).float()
+        labels = labels.to(clean.device).long() if labels is not None else reference.argmax(1)
+        logits = clean.float()
+        with torch.no_grad():
+            self._pass_scores.append(
+                (
+                    torch.nn.functional.cross_entropy(logits, labels, reduction="none").double(),
+                    logits.argmax(1) == labels,
+                )
+            )
+        return matching_loss(label_margin(logits, labels), targets(label_margin(reference, labels)))
 
     def finish(
         self,
@@ -582,6 +633,7 @@ class JiTRun:
             "window_size": self.window.min_samples,
             "cost": dict(self.cost.counts),
             "guard": self.check.state_dict() if self.check is not None else None,
+            "sample_request": self._sample_state(),
             "last_good": self._last_good.state if self._last_good is not None and self.monitor is not None else None,
         }
 
@@ -630,7 +682,37 @@ class JiTRun:
                     if state["last_good"] is not None
                     else self._pre_run
                 )
+        self._load_sample_state(state.get("sample_request"), device)
         self.cost.attach(self.model)
+
+    def _sample_state(self) -> dict[str, Any] | None:
+        """What a sample request carries across a restart: its settlement, the scores of the held-out test on the
+        original weights, and its update's targets and projection."""
+        if not self.is_sample_request:
+            return None
+        targets, projection = self.matching if self.matching is not None else (None, None)
+        return {
+            "unverifiable": self.unverifiable,
+            "unverifiable_reason": self._unverifiable_reason,
+            "nothing_to_do": self._nothing_to_do,
+            "test_before": self.sample_test_before,
+            "scores": self._scores,
+            "targets": (targets.forget, targets.heldout) if targets is not None else None,
+            "basis": projection.basis if projection is not None else None,
+        }
+
+    def _load_sample_state(self, state: dict[str, Any] | None, device: torch.device) -> None:
+        if state is None:
+            return
+        self.unverifiable, self._unverifiable_reason = state["unverifiable"], state["unverifiable_reason"]
+        self._nothing_to_do, self.sample_test_before = state["nothing_to_do"], state["test_before"]
+        if state["scores"] is not None:
+            self._scores = tuple(tuple(t.to(device) for t in side) for side in state["scores"])  # type: ignore[assignment]
+        if state["targets"] is not None:
+            self.matching = (
+                MarginTargets(*state["targets"]),
+                HeldoutProjection(state["basis"].to(device), self.params),
+            )
 
     def abort(self) -> bool:
         """Restore the weights from before the run (after an error or an interruption), unless the run has
@@ -722,6 +804,12 @@ class JiTRun:
                     clean = fmt.logits(forward(full))
                 loss = clean.float().sum() * 0.0
                 clean = clean[:0]
+            elif self.matching is not None:
+                with self.cost.kind("clean"):
+                    clean = fmt.logits(forward(x))
+                loss = self._matching_loss(x, clean, labels)  # a sum over the samples, as `reduction="sum"`
+                if reduction == "mean":
+                    loss = loss / x.shape[0]
             else:
                 with self.cost.kind("clean"):
                     clean = fmt.logits(forward(x))
@@ -794,6 +882,8 @@ class JiTRun:
             for p in self.params:
                 if p not in self._scope:
                     p.grad = None  # outside the update scope: neither stepped nor counted in the step's norms
+        if self.matching is not None:
+            self.matching[1].project_()  # off the directions held-out margins use (the same on every process)
         loss_finite = bool(torch.isfinite(loss))
         agree = coll.all_true if distributed else _same
         if scaler is not None and scaler.is_enabled():
@@ -824,7 +914,7 @@ class JiTRun:
         if self.settings.lr is not None or not isinstance(raw, NormalizedStep):
             return
         if self.task == "random":
-            lr = calibration.RANDOM_STEP
+            lr = sample_matching.STEP if self.matching is not None else calibration.RANDOM_STEP
         else:
             moving = [p for p in self.params if p.grad is not None]
             saved = [p.detach().clone() for p in moving]
@@ -915,7 +1005,10 @@ class JiTRun:
         bound, survey = self.settings.max_cost, self.survey
         if bound is None or survey is None or survey.n == 0:
             return False
-        setup = sum(self.cost.counts[kind] for kind in ("calibration", "synthesis")) + self._retain_setup
+        # Not the forget set's work: the set-up, and the passes over held-out data (the held-out test, and the
+        # guard's checks when it watches a monitor), which a large held-out split would otherwise spend the bound on.
+        fixed = ("calibration", "synthesis", "heldout", *(("guard",) if self.monitor is not None else ()))
+        setup = sum(self.cost.counts[kind] for kind in fixed) + self._retain_setup
         spent = torch.tensor(float(self.cost.total - setup), dtype=torch.float64, device=self._device())
         if self.collectives.world_size > 1:
             spent = self.collectives.sum(spent)
@@ -1141,20 +1234,61 @@ class JiTRun:
             self.unverifiable = True  # the fronts say so: the wrapper raises under `strict`, the callback once
             self._unverifiable_reason = UNVERIFIABLE_REASON
             return
-        test = self.sample_test_before = self._sample_test(None)
+        test = self.sample_test_before = self._sample_test(None, keep=True)
         self.calibrated["heldout_test_before"] = test.as_dict()
         if not test.powered:  # even a memorised set would pass: nothing the run does could be verified
             self.unverifiable, self._unverifiable_reason = True, test.too_small
         self._nothing_to_do = test.passed
+        if not self.unverifiable and not self._nothing_to_do:
+            self._start_matching()
 
-    def _sample_test(self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> SampleTest:
+    def _start_matching(self) -> None:
+        """The update of a sample request (:mod:`lightning_jit.core.matching`): margin targets from the scores of the
+        held-out test on the original weights, and the projection off held-out margin gradients."""
+        assert self._scores is not None and self.monitor is not None
+        (_, _, forget_margins), (_, _, heldout_margins) = self._scores
+        x, labels = self._basis_samples()
+        # Memorisation lives throughout the network, not in its last layers: this update moves every parameter.
+        self._scope = None
+        self.calibrated.pop("updated_parameters", None)
+        moving = self.params
+        self.cost.detach()  # the per-sample gradients go through torch.func, which the forward hook cannot count
+        with normalization_mode(self.model, self.settings.norm_policy):
+            projection = HeldoutProjection.build(self.model, moving, x, labels, self.batch_format.logits)
+        self.cost.attach(self.model)
+        self.cost.counts["heldout"] += 3 * int(projection.basis.shape[0])
+        self.matching = (MarginTargets(forget_margins, heldout_margins), projection)
+        self.calibrated["heldout_directions"] = int(projection.basis.shape[0])
+        if self.reference is None:
+            self.reference = FrozenReference(self.original if self.original is not None else self.model)
+
+    def _basis_samples(self) -> tuple[Tensor, Tensor]:
+        """The first :data:`~lightning_jit.core.matching.MAX_BASIS` held-out samples, on the model's device (the
+        same on every process)."""
+        xs, ys, count = [], [], 0
+        like = self.params[0]
+        for batch in self.monitor or ():
+            x, y = self.batch_format.input_and_labels(batch, "monitor")
+            xs.append(x.to(device=like.device, dtype=like.dtype))
+            ys.append(y.to(like.device).long())
+            count += int(x.shape[0])
+            if count >= MAX_BASIS:
+                break
+        return torch.cat(xs)[:MAX_BASIS], torch.cat(ys)[:MAX_BASIS]
+
+    def _sample_test(
+        self, forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None, keep: bool = False
+    ) -> SampleTest:
         """The held-out test on the current weights: per-sample losses and hits of the forget set and of the
-        held-out (``monitor``) data, over all processes."""
+        held-out (``monitor``) data, over all processes. With ``keep``, the scores are kept for the update of a
+        sample request (its margin targets and its stopping rule)."""
         assert self.forget is not None and self.monitor is not None
         original = self._pre_run.state if self._pre_run is not None else None
-        forget_loss, forget_hits = self._per_sample(self.forget, "forget", forward_context, original)
-        heldout_loss, heldout_hits = self._per_sample(self.monitor, "monitor", forward_context, None)
-        return sample_test(forget_loss, forget_hits, heldout_loss, heldout_hits)
+        forget = self._per_sample(self.forget, "forget", forward_context, original)
+        heldout = self._per_sample(self.monitor, "monitor", forward_context, None)
+        if keep:
+            self._scores = (forget, heldout)
+        return sample_test(forget[0], forget[1], heldout[0], heldout[1])
 
     @torch.no_grad()
     def _per_sample(
@@ -1163,13 +1297,13 @@ class JiTRun:
         name: str,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None,
         original: dict[str, Tensor] | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Each sample's loss (cross-entropy of its label) and whether it is given its label, in eval mode (a
-        no-grad pass booked as ``heldout``), gathered over the processes. Forget batches without labels are measured
-        against the original's predictions (``original``: its weights)."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each sample's loss (cross-entropy of its label), whether it is given its label, and its label margin, in
+        eval mode (a no-grad pass booked as ``heldout``), gathered over the processes. Forget batches without labels
+        are measured against the original's predictions (``original``: its weights)."""
         fmt, device = self.batch_format, self._device()
         like = self.params[0]
-        losses, hits = [], []
+        losses, hits, margins = [], [], []
         with normalization_mode(self.model, "eval"), self.cost.kind("heldout"):
             coll = self.collectives
             same_everywhere = name == "monitor" or coll.split == "shard"  # else each process holds its own batches
@@ -1192,9 +1326,12 @@ class JiTRun:
                 labels = labels.to(logits.device).long()
                 losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
                 hits.append((logits.argmax(1) == labels).double())
-        loss = torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64, device=device)
-        hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.float64, device=device)
-        return self._gather(loss), self._gather(hit).bool()
+                margins.append(label_margin(logits, labels).double())
+        scores = []
+        for values in (losses, hits, margins):
+            joined = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
+            scores.append(self._gather(joined))
+        return scores[0], scores[1].bool(), scores[2]
 
     def _gather(self, values: Tensor) -> Tensor:
         """Every process's ``values`` (1-D), concatenated in rank order, on every process (through ``sum``)."""
