@@ -27,7 +27,7 @@ def placeholders(digits, tmp_path, monkeypatch):
     trainer.save_checkpoint("trained.ckpt")
     forget = class_mask(digits.y_train, [3])
     ids = torch.nonzero(forget).flatten()
-    records = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:60]
+    records = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:300]
     return {
         "val_loader": DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=128),
         "user_records": TensorDataset(digits.x_train[records], digits.y_train[records]),
