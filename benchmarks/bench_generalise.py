@@ -35,11 +35,8 @@ import argparse
 import copy
 import itertools
 import json
-import logging
 import time
-import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import datasets as D
+from benchmarks._run import start_benchmark
 from benchmarks.reference_port import reference_unlearn
 from lightning_jit import JiTSettings, JiTUnlearning
 from lightning_jit.core.calibration import batch_size_for
@@ -216,13 +214,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="One model and class per data set, seed 0, 2 epochs.")
     parser.add_argument("--out", default="benchmarks/out/generalise")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    rows_path.write_text("")
+    rows_path = start_benchmark(args.out)
+    out = rows_path.parent
     epochs = 2 if args.quick else None
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")

@@ -41,12 +41,9 @@ import argparse
 import copy
 import hashlib
 import json
-import logging
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import datasets as D
+from benchmarks._run import start_benchmark
 from lightning_jit import JiTUnlearning
 from lightning_jit.core.cost import reference_cost
 from lightning_jit.demo.data import DigitsCNN
@@ -241,13 +239,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--datasets", default="digits,mnist")
     parser.add_argument("--out", default="benchmarks/out/samples")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    rows_path.write_text("")
+    rows_path = start_benchmark(args.out)
+    out = rows_path.parent
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     datasets = ["digits"] if args.quick else args.datasets.split(",")
     accuracies: list[dict[str, Any]] = []

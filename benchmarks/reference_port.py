@@ -1,7 +1,7 @@
 """A faithful port of the authors' public JiT code (``Lipschitz.modify_weight``), for the benchmarks only.
 
-It keeps everything DESIGN.md section 1 records, bugs included, so that the benchmarks compare the library with what
-users of the reference actually run:
+It keeps everything the authors' code does, bugs included (listed below), so that the benchmarks compare the library
+with what users of the reference actually run:
 
 * raw logits; the perturbed outputs under ``no_grad``;
 * noise drawn on the CPU and copied to the device, one copy at a time, ``N`` separate forward passes;

@@ -78,3 +78,16 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
         (p, m) for p in ("32-true", "bf16-mixed") for m in ("library", "reference", "floor")
     }
     assert (tmp_path / "gpu_check.md").read_text().startswith("# lightning-jit GPU check: cpu")
+
+
+@pytest.mark.slow
+def test_bench_samples_quick_run_judges_every_row_against_retraining(tmp_path, monkeypatch):
+    from benchmarks import bench_samples
+    from benchmarks import datasets as D
+
+    monkeypatch.setattr(D, "CACHE_DIR", tmp_path / "cache")
+    summary = bench_samples.main(["--quick", "--out", str(tmp_path / "out")])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"original", "retrained", "library", "library, no held-out"}
+    assert all(r["outcome"] == "unverifiable" for r in rows if r["method"] == "library, no held-out")
+    assert "| **all** |" in summary and (tmp_path / "out" / "summary.md").exists()

@@ -1,5 +1,5 @@
 """What a run costs, counted as samples through the user's model: a forward pass counts 1 per sample, a forward that
-is back-propagated counts 3 (DESIGN.md section 6).
+is back-propagated counts 3.
 
 :class:`CostCounter` hangs a forward hook on the model and books each pass under the kind of work the run is doing
 at that moment (:meth:`CostCounter.kind`, :data:`KINDS`). A pass with autograd enabled is counted as forward and

@@ -1,7 +1,7 @@
 """``evaluate_unlearning(...)``: run the models over the splits and compute every standard unlearning metric.
 
 The evaluation compares the original, the unlearned and (optionally) the retrained-from-scratch model on the forget,
-retain and test splits with the metrics of :mod:`lightning_jit.evaluation.metrics` (DESIGN.md section 2), and splits
+retain and test splits with the metrics of :mod:`lightning_jit.evaluation.metrics` (`docs/metrics.md`), and splits
 the forget-set figures by the information of each sample (:mod:`lightning_jit.evaluation.information`), which makes
 the JiT paper's central claim -- high-information samples are harder to forget -- checkable on the user's own model.
 The result is an :class:`~lightning_jit.evaluation.report.UnlearningReport`.

@@ -1,4 +1,4 @@
-"""torchmetrics classes for judging unlearning (DESIGN.md section 2).
+"""torchmetrics classes for judging unlearning (`docs/metrics.md`).
 
 Every metric here is compared with a model **retrained from scratch without the forget set** (the gold standard): a
 good unlearning method lands close to the retrained model's value, not at an extreme. Each class states in its
