@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTSettings, JiTUnlearning
 from lightning_jit.core.engine import _take_shard
+from lightning_jit.core.outcome import Verification
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader
 
@@ -122,7 +123,7 @@ def test_non_finite_step_is_skipped_counted_and_never_applied(digits, _trained_s
 # ---------------------------------------------------------------------------------------------------------------------
 # Strategies
 # ---------------------------------------------------------------------------------------------------------------------
-def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
+def _ddp_run(digits, devices: int, strategy: str) -> tuple[dict[str, Tensor], Verification | None]:
     torch.manual_seed(0)
     model = DigitsCNN()  # untrained: large gradients make any difference between the runs show
     wrapper = JiTUnlearning(  # with the logit-norm penalty: its keyed noise and its reduction are sharded too
@@ -148,16 +149,22 @@ def _ddp_run(digits, devices: int, strategy: str) -> dict[str, Tensor]:
         callbacks=[release_process_group()],
     )
     trainer.fit(wrapper, DataLoader(data, batch_size=13))
-    return _weights(model)
+    return _weights(model), wrapper.verification
 
 
-def test_ddp_spawn_two_processes_give_the_one_process_weights(digits):
+def test_ddp_spawn_two_processes_give_the_one_process_weights_and_outcome(digits):
     torch.manual_seed(0)
     initial = _weights(DigitsCNN())
-    one = _ddp_run(digits, 1, "auto")
-    two = _ddp_run(digits, 2, "ddp_spawn")
+    one, verified_one = _ddp_run(digits, 1, "auto")
+    two, verified_two = _ddp_run(digits, 2, "ddp_spawn")
     assert _max_diff(initial, one) > 1e-3  # JiT changed the weights
     assert _max_diff(one, two) < 1e-5
+    # The launching process of the spawned run holds rank 0's verified outcome, as the one-process run does.
+    assert verified_two is not None and verified_two.outcome == verified_one.outcome
+    assert (verified_two.n_forget, verified_two.forget_accuracy) == (
+        verified_one.n_forget,
+        verified_one.forget_accuracy,
+    )
 
 
 def test_take_shard_covers_the_batch_once():

@@ -7,7 +7,7 @@ command line's exit code, for the deletion ledger, and for the report's first li
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -168,6 +168,19 @@ class Verification:
         if self.heldout_test is not None and self.outcome is Outcome.NOT_FORGOTTEN:
             return _SAMPLE_ADVICE
         return self.outcome.advice
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Verification:
+        """The verification :meth:`as_dict` wrote (its verdict and advice are derived again).
+
+        Example:
+            >>> v = Verification(Outcome.FORGOTTEN, n_forget=3, forget_accuracy=0.0, target=2.5)
+            >>> Verification.from_dict(v.as_dict()) == v
+            True
+        """
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in names}
+        return cls(**{**values, "outcome": Outcome(record["outcome"])})
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the outcome as its string), with the verdict and the advice."""

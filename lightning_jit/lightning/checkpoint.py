@@ -106,6 +106,8 @@ JIT_UNVERIFIED_KEY = "jit_unverified"
 _FORMAT_KEY = "jit_state_dict_format"
 _FORMAT = "wrapped-model"
 _PREFIX = "model."
+#: The key of the wrapper's ``get_extra_state`` in its state dict.
+_EXTRA_STATE = "_extra_state"
 
 
 def to_wrapped_format(
@@ -114,7 +116,9 @@ def to_wrapped_format(
     """Rewrite a wrapper's checkpoint in place so that it is ``model``'s own: no ``model.`` prefix in the state dict,
     ``model``'s hyperparameters, and the JiT settings and safety report under their own keys."""
     checkpoint["state_dict"] = {
-        k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v for k, v in checkpoint["state_dict"].items()
+        k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v
+        for k, v in checkpoint["state_dict"].items()
+        if k != _EXTRA_STATE  # the wrapper's own (its verification, under JIT_SAFETY_KEY here), not the model's
     }
     checkpoint[JIT_HPARAMS_KEY] = {**settings.hparams(), **batch_format.hparams()}
     checkpoint[JIT_SAFETY_KEY] = safety
@@ -133,9 +137,11 @@ def to_wrapped_format(
 
 
 def from_wrapped_format(checkpoint: dict[str, Any]) -> None:
-    """Undo :func:`to_wrapped_format` in place, so that a wrapper can resume from its own checkpoint."""
+    """Undo :func:`to_wrapped_format` in place, so that a wrapper can resume from its own checkpoint (one without the
+    wrapper's extra state, such as a checkpoint of 0.1 or in the wrapped model's format, loads with none)."""
     if checkpoint.get(_FORMAT_KEY) == _FORMAT:
         checkpoint["state_dict"] = {_PREFIX + k: v for k, v in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"].setdefault(_EXTRA_STATE, {})
 
 
 def settle_unverified(
@@ -188,7 +194,10 @@ def settle_unverified(
     return rewritten, removed
 
 
-def _same_weights(saved: Mapping[str, Any], current: Mapping[str, Tensor]) -> bool:
+def _same_weights(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether two of the wrapper's state dicts hold the same weights (its extra state, the run's record, aside)."""
+    saved = {k: v for k, v in saved.items() if k != _EXTRA_STATE}
+    current = {k: v for k, v in current.items() if k != _EXTRA_STATE}
     if saved.keys() != current.keys():
         return False
     return all(isinstance(saved[k], Tensor) and torch.equal(saved[k].cpu(), current[k].detach().cpu()) for k in current)

@@ -24,6 +24,7 @@ from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
 from lightning_jit.core.state import trainable_parameters
 from lightning_jit.core.step import make_optimizer
+from lightning_jit.io import json_safe
 from lightning_jit.lightning.checkpoint import (
     JIT_RUN_STATE_KEY,
     JIT_UNVERIFIED_KEY,
@@ -166,6 +167,8 @@ class JiTUnlearning(pl.LightningModule):
         self._modes_before_fit: list[tuple[nn.Module, bool]] = []
         self.automatic_optimization = False
         self.run: JiTRun | None = None
+        #: The verification rank 0 sent back to a launching process that ran no run itself (``ddp_spawn``).
+        self._from_rank_zero: Verification | None = None
         self._resume_state: dict[str, Any] | None = None
         self.save_hyperparameters(
             {**self.settings.hparams(), **self.batch_format.hparams(), "guard": dataclasses.asdict(self.guard)}
@@ -182,12 +185,26 @@ class JiTUnlearning(pl.LightningModule):
     @property
     def outcome(self) -> Outcome | None:
         """How the last run ended, verified (see :class:`~lightning_jit.core.outcome.Outcome`); ``None`` before."""
-        return self.run.outcome if self.run is not None else None
+        if self.run is not None:
+            return self.run.outcome
+        return self._from_rank_zero.outcome if self._from_rank_zero is not None else None
 
     @property
     def verification(self) -> Verification | None:
-        """What the end-of-run check measured (:class:`~lightning_jit.core.outcome.Verification`)."""
-        return self.run.verification if self.run is not None else None
+        """What the end-of-run check measured (:class:`~lightning_jit.core.outcome.Verification`). Under a launcher
+        that runs the fit in other processes (``ddp_spawn``), the launching process gets rank 0's."""
+        return self.run.verification if self.run is not None else self._from_rank_zero
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The verified outcome of the finished run, as JSON-ready values. It travels with the weights that a
+        spawning launcher sends back to the launching process (:meth:`set_extra_state`); checkpoints in the wrapped
+        model's format leave it out (they hold the record under their own key)."""
+        verification = self.run.verification if self.run is not None else self._from_rank_zero
+        return {"verification": json_safe(verification.as_dict())} if verification is not None else {}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and state.get("verification") is not None:
+            self._from_rank_zero = Verification.from_dict(state["verification"])
 
     @property
     def skipped_steps(self) -> int:
