@@ -264,3 +264,29 @@ class _LitMLP(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_sample_request_resumes_with_its_targets_and_projection(digits):
+    """The run state of a sample request survives a checkpoint (``torch.load(weights_only=True)``) and resumes with
+    the same update: its held-out projection, its targets and its test on the original weights."""
+    import io
+
+    from lightning_jit.core.engine import JiTRun
+    from lightning_jit.core.settings import JiTSettings
+
+    model = _memorising_mlp(digits.x_train[:300], digits.y_train[:300])
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:90]
+    forget = [(digits.x_train[order[i : i + 12]], digits.y_train[order[i : i + 12]]) for i in range(0, 90, 12)]
+    heldout = [(digits.x_test[:225], digits.y_test[:225])]
+    run = JiTRun(model, JiTSettings(task="random", seed=0), monitor=heldout)
+    run.start(forget)
+    run.step(forget[0], optimizer=run.make_optimizer(), backward=lambda loss: loss.backward(), epoch=0)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = JiTRun(model, JiTSettings(task="random", seed=0), monitor=heldout)
+    resumed.resume(torch.load(buffer, weights_only=True), forget)
+    assert run.matching is not None and resumed.matching is not None
+    assert torch.equal(resumed.matching[1].basis, run.matching[1].basis)
+    assert torch.equal(resumed.matching[0].heldout, run.matching[0].heldout)
+    assert resumed.sample_test_before == run.sample_test_before

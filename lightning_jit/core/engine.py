@@ -695,7 +695,7 @@ class JiTRun:
             "unverifiable": self.unverifiable,
             "unverifiable_reason": self._unverifiable_reason,
             "nothing_to_do": self._nothing_to_do,
-            "test_before": self.sample_test_before,
+            "test_before": self.sample_test_before.as_dict() if self.sample_test_before is not None else None,
             "scores": self._scores,
             "targets": (targets.forget, targets.heldout) if targets is not None else None,
             "basis": projection.basis if projection is not None else None,
@@ -705,7 +705,8 @@ class JiTRun:
         if state is None:
             return
         self.unverifiable, self._unverifiable_reason = state["unverifiable"], state["unverifiable_reason"]
-        self._nothing_to_do, self.sample_test_before = state["nothing_to_do"], state["test_before"]
+        self._nothing_to_do = state["nothing_to_do"]
+        self.sample_test_before = SampleTest(**state["test_before"]) if state["test_before"] is not None else None
         if state["scores"] is not None:
             self._scores = tuple(tuple(t.to(device) for t in side) for side in state["scores"])  # type: ignore[assignment]
         if state["targets"] is not None:
