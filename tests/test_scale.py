@@ -212,3 +212,33 @@ def test_compile_option_gives_the_same_update(digits, _trained_state):
 def test_compile_option_is_validated():
     with pytest.raises(MisconfigurationException, match="compile_model"):
         JiTUnlearning(DigitsCNN(), sigma=0.1, lr=0.1, compile_model="yes")
+
+
+def _no_knob_run(trained_state, data, devices: int, retain=None) -> dict[str, Tensor]:
+    model = DigitsCNN()
+    model.load_state_dict(trained_state)
+    wrapper = JiTUnlearning(model, seed=0, retain=retain, on_unverified="keep")  # the path the README teaches
+    trainer = quiet_trainer(
+        max_epochs=-1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        callbacks=[release_process_group()],
+    )
+    trainer.fit(wrapper, forget_loader(data))
+    return _weights(model)
+
+
+@pytest.mark.slow
+def test_the_no_knob_path_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state):
+    """Under the documented rule (ids, ``seed=``, ``use_distributed_sampler=False``), with and without ``retain=``.
+    The stopping rule's window once counted each process's share, so two processes stopped at another step."""
+    mask = class_mask(digits.y_train, [3])
+    ids = torch.nonzero(mask).flatten()[:96]
+    data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
+    kept = torch.nonzero(~mask).flatten()[:20]
+    for retain in (None, DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10)):
+        one = _no_knob_run(_trained_state, data, 1, retain)
+        two = _no_knob_run(_trained_state, data, 2, retain)
+        update = _max_diff(one, {k: v for k, v in _trained_state.items()})
+        assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update

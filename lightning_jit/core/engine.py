@@ -979,14 +979,14 @@ class JiTRun:
         count: int,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None,
     ) -> float:
-        """Update the recent window; once it reads the target, check the whole forget set on the current weights,
-        and set :attr:`stopped_early` if that check reads the target too. Returns the window's accuracy."""
-        self.window.update(correct, count)
-        totals = self.window.totals()
-        summed = self.collectives.sum(torch.tensor(totals, dtype=torch.float64, device=self._device()))
-        accuracy = float(100.0 * summed[0] / summed[1]) if summed[1] > 0 else float("nan")
+        """Update the recent window with this step's counts over all processes (so that it spans the same steps
+        whatever their number); once it reads the target, check the whole forget set on the current weights, and set
+        :attr:`stopped_early` if that check reads the target too. Returns the window's accuracy."""
+        step = self.collectives.sum(torch.tensor([correct, count], dtype=torch.float64, device=self._device()))
+        self.window.update(int(step[0]), int(step[1]))
+        accuracy = self.window.accuracy()
         target = self.target
-        ready = float(summed[1]) >= self.window.min_samples
+        ready = self.window.ready()
         if target is None or not ready or not accuracy <= target:
             return accuracy
         self.window.reset()
@@ -1125,8 +1125,8 @@ class JiTRun:
                 totals = coll.sum(totals)
         else:
             measured_against = "last pass"
-            correct, count = self.window.totals()
-            totals = coll.sum(torch.tensor([correct, float("nan"), count, count], dtype=torch.float64, device=device))
+            correct, count = self.window.totals()  # already over all processes
+            totals = torch.tensor([correct, float("nan"), count, count], dtype=torch.float64, device=device)
         recognised, confidence, n, labelled = (float(v) for v in totals)
         return Verification(
             outcome=Outcome.NOT_FORGOTTEN,
