@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTSettings, JiTUnlearning
+from lightning_jit import JiTSettings, JiTUnlearning, JiTUnlearningCallback
 from lightning_jit.core.engine import _take_shard
 from lightning_jit.core.outcome import Verification
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
@@ -242,3 +242,30 @@ def test_the_no_knob_path_gives_the_same_weights_on_one_and_two_processes(digits
         two = _no_knob_run(_trained_state, data, 2, retain)
         update = _max_diff(one, {k: v for k, v in _trained_state.items()})
         assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
+
+
+def _callback_run(trained_state, requests, job, devices: int) -> dict[str, Tensor]:
+    model = DigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
+    model.load_state_dict(trained_state)
+    callback = JiTUnlearningCallback(requests, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        callbacks=[callback, release_process_group()],
+    )
+    trainer.fit(model, job)
+    return _weights(model)
+
+
+@pytest.mark.slow
+def test_the_callbacks_no_knob_run_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state):
+    mask = class_mask(digits.y_train, [3])
+    ids = torch.nonzero(mask).flatten()[:96]
+    requests = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
+    job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
+    one = _callback_run(_trained_state, requests, job, 1)
+    two = _callback_run(_trained_state, requests, job, 2)
+    update = _max_diff(one, {k: v for k, v in _trained_state.items()})
+    assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
