@@ -184,7 +184,135 @@ def run_proj(orig, d, fm, lr=0.1, steps=8, k=64, n_anchor=256, T=4.0, method="ta
     return net, cost / (28 * len(yf)), k
 
 
-if __name__ == "__main__":
+from lightning_jit.core.membership import sample_test
+
+# ---- margin matching (the rule the library took: lightning_jit/core/matching.py) ----
+from torch.func import functional_call, vmap, grad
+
+def margins(logits, y):
+    zy = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone(); other.scatter_(1, y[:, None], float("-inf"))
+    return zy - other.max(1).values
+
+def basis(net, xa, ya, kind):
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach() for n, p in net.named_parameters()}; buffers = dict(net.named_buffers())
+    def f(p, xi, yi):
+        out = functional_call(net, {**p, **buffers}, (xi[None],))
+        return margins(out, yi[None]).sum() if kind == "margin" else F.cross_entropy(out / 4.0, yi[None])
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, xa, ya)
+    G = torch.cat([g[n].reshape(len(xa), -1) for n in names], 1)
+    return torch.linalg.svd(G, full_matrices=False)
+
+def run2(orig, d, fm, lr, k, steps, n_anchor=256, kind="margin", obj="margin", log=False):
+    net = copy.deepcopy(orig).eval()
+    xf, yf = d["x_tr"][fm], d["y_tr"][fm]
+    nh = len(d["y_h"]); xa, ya = d["x_h"][:n_anchor], d["y_h"][:n_anchor]
+    with torch.no_grad():
+        mf = margins(logits(orig, xf), yf); mh = margins(logits(orig, d["x_h"]), d["y_h"]).sort().values
+    n = len(yf); order = mf.argsort()  # low margin first
+    q = ((torch.arange(n) + 0.5) / n * len(mh)).long().clamp(max=len(mh) - 1)
+    t = torch.empty(n); t[order] = mh[q]
+    U, S, Vh = basis(net, xa, ya, kind); V = Vh[:k]
+    for step in range(steps):
+        net.zero_grad()
+        out = net(xf); m = margins(out, yf)
+        w = (m.detach() > t).float()
+        if obj == "margin":
+            loss = (w * (m - t)).sum() / n
+        else:
+            loss = -(w * F.cross_entropy(out, yf, reduction="none")).sum() / n
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        g = g - V.T @ (V @ g)
+        g = g / g.norm().clamp_min(1e-12)
+        with torch.no_grad():
+            i = 0
+            for p in net.parameters():
+                c = p.numel(); p -= lr * g[i:i+c].reshape(p.shape); i += c
+        if log and (step % 10 == 9):
+            print("   ", step, {kk: round(v, 3) for kk, v in stats(net, d, fm).items()}, "active", int(w.sum()), flush=True)
+    return net
+
+def run3(orig, d, fm, lr, k, steps, obj, n_anchor=256, sigma=0.2, N=8, log=True, seed=0):
+    net = copy.deepcopy(orig).eval()
+    xf, yf = d["x_tr"][fm], d["y_tr"][fm]
+    xa, ya = d["x_h"][:n_anchor], d["y_h"][:n_anchor]
+    with torch.no_grad():
+        mf = margins(logits(orig, xf), yf); mh = margins(logits(orig, d["x_h"]), d["y_h"]).sort().values
+    n = len(yf); order = mf.argsort()
+    q = ((torch.arange(n) + 0.5) / n * len(mh)).long().clamp(max=len(mh) - 1)
+    t = torch.empty(n); t[order] = mh[q]
+    V = basis(net, xa, ya, "margin")[2][:k]
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        net.zero_grad()
+        if obj == "jit":
+            clean, kk = jit_ratio(net, xf, sigma, N, gen); m = margins(clean, yf)
+            w = (m.detach() > t).float(); loss = (w * kk).sum() / n
+        elif obj == "sq":
+            m = margins(net(xf), yf); loss = ((m - t) ** 2).sum() / n; w = (m.detach() > t).float()
+        else:
+            m = margins(net(xf), yf); w = (m.detach() > t).float(); loss = (w * (m - t)).sum() / n
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        g = g - V.T @ (V @ g); g = g / g.norm().clamp_min(1e-12)
+        with torch.no_grad():
+            i = 0
+            for p in net.parameters():
+                c = p.numel(); p -= lr * g[i:i+c].reshape(p.shape); i += c
+        if log and step % 10 == 9:
+            print("   ", step, {kk_: round(v, 3) for kk_, v in stats(net, d, fm).items()}, "active", int(w.sum()), flush=True)
+    return net
+def run7(orig, d, fm, lr=2e-3, k=256, max_passes=20, n_anchor=256, bpp=8, seed=0):
+    net = copy.deepcopy(orig).eval()
+    xf, yf = d["x_tr"][fm], d["y_tr"][fm]
+    xa, ya = d["x_h"][:n_anchor], d["y_h"][:n_anchor]
+    with torch.no_grad():
+        lf0 = logits(orig, xf); lh0 = logits(orig, d["x_h"])
+        mf0 = margins(lf0, yf).sort().values; mh = margins(lh0, d["y_h"]).sort().values
+        ceh = F.cross_entropy(lh0, d["y_h"], reduction="none"); hith = lh0.argmax(1) == d["y_h"]
+    def target(m_orig):
+        r = torch.searchsorted(mf0, m_orig).float() + 0.5
+        return mh[(r / len(mf0) * len(mh)).long().clamp(max=len(mh) - 1)]
+    V = basis(net, xa, ya, "margin")[2][:k]
+    params = list(net.parameters())
+    n = len(yf); bs = max(1, -(-n // bpp)); cost = 3 * n_anchor; g0 = torch.Generator().manual_seed(seed)
+    for p_ in range(max_passes):
+        perm = torch.randperm(n, generator=g0); ces, hits = [], []
+        for i in range(0, n, bs):
+            idx = perm[i:i+bs]; x, y = xf[idx], yf[idx]
+            with torch.no_grad(): t = target(margins(orig(x), y))
+            net.zero_grad(); out = net(x); m = margins(out, y); cost += 4 * len(idx)
+            ces.append(F.cross_entropy(out.detach(), y, reduction="none")); hits.append(out.detach().argmax(1) == y)
+            w = (m.detach() > t).float()
+            if w.sum() == 0: continue
+            loss = (w * (m - t)).sum() / n; loss.backward()
+            g = torch.cat([p.grad.reshape(-1) for p in params]); g = g - V.T @ (V @ g)
+            wn = torch.cat([p.detach().reshape(-1) for p in params]).norm()
+            with torch.no_grad():
+                g = g / g.norm().clamp_min(1e-12) * lr * wn; j = 0
+                for p in params:
+                    c = p.numel(); p -= g[j:j+c].reshape(p.shape); j += c
+        test = sample_test(torch.cat(ces), torch.cat(hits), ceh, hith)
+        if test.passed and test.forget_accuracy <= test.heldout_accuracy: break
+    return net, p_ + 1, cost / (28 * n), test
+
+
+if __name__ == "__main__" and sys.argv[3:4] == ["margins"]:  # python research/sample_probe.py mnist mlp margins
+    ds, model = sys.argv[1], sys.argv[2]
+    d = load(ds)
+    o = train(ds, model, d["x_tr"], d["y_tr"], 0, "orig")
+    for seed in (0, 1, 2):
+        fm = forget_mask(len(d["y_tr"]), 0.05, seed)
+        r = train(ds, model, d["x_tr"][~fm], d["y_tr"][~fm], 0, f"rt0.05-s{seed}")
+        for k in (0, 64, 256):  # full batch, absolute step 0.05: the projection's effect
+            net = run2(o, d, fm, 0.05, k, 30)
+            print("full batch k", k, seed, {kk: round(v, 3) for kk, v in stats(net, d, fm).items()})
+        net, passes, c, test = run7(o, d, fm, lr=3e-3, seed=seed)  # batches of 1/8, normalised step
+        print("batched", seed, {kk: round(v, 3) for kk, v in stats(net, d, fm).items()}, passes, round(c, 2))
+        print("retrained", seed, {kk: round(v, 3) for kk, v in stats(r, d, fm).items()})
+elif __name__ == "__main__":
     ds, model = sys.argv[1], sys.argv[2]
     d = load(ds)
     fm = forget_mask(len(d["y_tr"]), 0.05, 0)
