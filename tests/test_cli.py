@@ -578,3 +578,29 @@ def test_an_output_selector_that_finds_no_logits_is_a_usage_error_and_writes_not
     # The same model with the right selector runs: the usage error was the selector's.
     args = _unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *QUICK, *tuple_model, "--batch.output_selector=1")
     assert main(args) == 0, capsys.readouterr().err[-2000:]
+
+
+def test_a_sample_request_needs_a_heldout_split_and_is_verified_against_it(ckpt, tmp_path):
+    """Samples across every class, with no target: without `--forget.heldout` a usage error naming it (no update,
+    nothing written); with it, the held-out test decides, and its record is in the checkpoint."""
+    forget = ForgetSet(indices=list(range(0, 600, 2)))  # 300 training samples, every digit
+    settings = JiTSettings(seed=0)
+
+    def unlearn(**kwargs):
+        model = DigitsCNN.load_from_checkpoint(ckpt)
+        trainer = JiTTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return model, trainer.unlearn(
+            model, DigitsDataModule(), jit=settings, output=str(tmp_path / "u.ckpt"), **kwargs
+        )
+
+    with pytest.raises(JiTUsageError, match="--forget.heldout"):
+        unlearn(forget=forget)
+    assert not (tmp_path / "u.ckpt").exists()
+    with pytest.raises(JiTUsageError, match="--forget.heldout"):
+        unlearn(forget=ForgetSet(indices=forget.indices, heldout="no_such_method"))
+    # This CNN does not memorise its digits: 300 of them already look like the held-out split, which is verified.
+    _, out = unlearn(forget=ForgetSet(indices=forget.indices, heldout="val_dataloader"))
+    record = torch.load(out, weights_only=True)[UNLEARN_RECORD_KEY]["verification"]
+    assert record["outcome"] == "forgotten"
+    assert record["heldout_test"]["n_forget"] == 300 and record["heldout_test"]["passed"]
+    assert record["heldout_test"]["memorised_p"] < record["heldout_test"]["alpha"]  # the test could have failed it
