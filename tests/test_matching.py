@@ -58,3 +58,16 @@ def test_the_projected_update_leaves_every_heldout_margin_unchanged_to_first_ord
     again = step.clone()
     projection.project_()  # a projection: applying it twice changes nothing
     assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in params]), again, atol=1e-6)
+
+
+def test_a_large_model_gets_fewer_directions_one_per_held_out_sample_kept(monkeypatch):
+    from lightning_jit.core import matching
+
+    net = _net()
+    params = list(net.parameters())
+    size = sum(p.numel() for p in params)
+    monkeypatch.setattr(matching, "MAX_BASIS_FLOATS", 5 * size)  # room for 5 directions only
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(20, 1, 4, 4, generator=g), torch.randint(0, 4, (20,), generator=g)
+    projection = HeldoutProjection.build(net, params, x, y, lambda out: out)
+    assert projection.basis.shape == (5, size)

@@ -125,7 +125,8 @@ class HeldoutProjection:
             logits_of: Reads the logits from the model's output.
         """
         size = sum(p.numel() for p in params)
-        x, labels = x[: max(1, min(len(x), MAX_BASIS_FLOATS // max(1, size)))], labels[: len(x)]
+        n = max(1, min(len(x), MAX_BASIS_FLOATS // max(1, size)))
+        x, labels = x[:n], labels[:n]
         rows = _margin_gradients(model, params, x, labels, logits_of)
         q, _ = torch.linalg.qr(rows.T.float())  # orthonormal columns spanning the rows
         return cls(q.T.contiguous(), params)
