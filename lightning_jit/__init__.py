@@ -3,11 +3,17 @@
 The package is layered, and imports only point down this list:
 
 * :mod:`lightning_jit.core`: the method in pure torch (settings, batch format, noise, objective, retain terms,
-  collapse guard, run engine, cost counters);
+  collapse guard, run engine, cost counters); it imports no other layer;
 * :mod:`lightning_jit.lightning`: the Lightning fronts (``JiTUnlearning``, ``JiTUnlearningCallback``), strategies,
-  checkpoints and the deletion ledger;
-* :mod:`lightning_jit.evaluation`: metrics, ``evaluate_unlearning`` and the report;
-* :mod:`lightning_jit.tune`, :mod:`lightning_jit.cli` and :mod:`lightning_jit.demo`.
+  checkpoints and the deletion ledger; it imports the core;
+* :mod:`lightning_jit.evaluation`: metrics, ``evaluate_unlearning`` and the report; it imports the core, and never the
+  Lightning fronts (it finds them through the protocols of :mod:`lightning_jit.evaluation.callback`);
+* :mod:`lightning_jit.tune` and :mod:`lightning_jit.demo` import the three layers above; :mod:`lightning_jit.cli`
+  imports them all.
+
+:mod:`lightning_jit.io` and ``lightning_jit._version`` are shared utilities below every layer. ``lightning_jit.data``
+is the 0.1 import path of :mod:`lightning_jit.demo.data`, and belongs to the demo. ``tests/test_layers.py`` checks
+this rule.
 
 The names below are imported on first use, so that ``import lightning_jit.core`` does not load the upper layers.
 """
