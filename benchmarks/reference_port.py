@@ -10,7 +10,7 @@ with what users of the reference actually run:
 * plain SGD, one unshuffled pass; ``zero_grad`` called **once** before the loop (gradients pile up);
 * the model's mode is never set (it stays in train mode after training).
 
-This is not part of the library: ``lightning_jit.objective`` is the only implementation of the JiT math there.
+This is not part of the library: :mod:`lightning_jit.core.objective` is the only implementation of the JiT math there.
 """
 
 from __future__ import annotations
