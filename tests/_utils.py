@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,6 +24,21 @@ def sgd_by_hand(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
 def assert_same_weights(got: nn.Module, want: nn.Module, atol: float = 1e-6) -> None:
     for (name, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=atol), name
+
+
+def fit_fails_without_changing(model: nn.Module, loader, error, match: str, **wrapper_kwargs) -> None:
+    """Fitting ``JiTUnlearning(model, **wrapper_kwargs)`` on ``loader`` raises ``error`` (matching ``match``), and every
+    weight and buffer of ``model`` is then bit for bit what it was before the fit (NaN where it was NaN)."""
+    from lightning_jit import JiTUnlearning
+
+    before = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    wrapper = JiTUnlearning(model, **wrapper_kwargs)
+    with pytest.raises(error, match=match):
+        quiet_trainer().fit(wrapper, loader)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, equal_nan=True, msg=f"{name} changed")
 
 
 def quiet_trainer(**kwargs):

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from _utils import quiet_trainer
+from _utils import fit_fails_without_changing, quiet_trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -201,12 +201,8 @@ def test_any_valid_run_ends_well_or_restores_the_model(sigma, log_lr, n, chunk, 
 # The listed wrong inputs, one by one
 # ------------------------------------------------------------------------------------------------------------------
 def _fit_expecting(model, loader, error, match, **kwargs):
-    before = WeightSnapshot(model)
     defaults = STEPS if "settings" in kwargs else {"sigma": 0.1, "lr": 0.01, "n_perturbations": 2, **STEPS}
-    wrapper = JiTUnlearning(model, **{**defaults, **kwargs})
-    with pytest.raises(error, match=match):
-        quiet_trainer().fit(wrapper, loader)
-    assert before.equals(model), "the model changed although the run failed"
+    fit_fails_without_changing(model, loader, error, match, **{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(

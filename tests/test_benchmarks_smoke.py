@@ -32,11 +32,34 @@ def test_bench_objective_tiny_run_reports_every_method(tmp_path):
     assert set(ratios) == {"library/reference", "library/floor"}
 
 
+def test_bench_objective_ratios_are_speed_ratios_of_the_same_case():
+    """Hand-made rows of two cases: each ratio divides the library's speed by the other method's, case by case."""
+    speeds = {("digits", 2): {"library": 300.0, "reference": 100.0, "floor": 600.0}, ("digits", 8): {}}
+    speeds[("digits", 8)] = {"library": 50.0, "reference": 200.0, "floor": 25.0, "library+compile": 75.0}
+    rows = [
+        bench_objective.Row("digits", batch, 3, method, 1.0, speed)
+        for (_, batch), by_method in speeds.items()
+        for method, speed in by_method.items()
+    ]
+    assert bench_objective.ratios(rows) == {
+        ("digits", 2, "32-true"): {"library/reference": 3.0, "library/floor": 0.5},
+        ("digits", 8, "32-true"): {"library/reference": 0.25, "library/floor": 2.0, "compile/library": 1.5},
+    }
+
+
 @pytest.mark.slow
-def test_bench_defaults_tiny_run_times_both_settings():
+def test_bench_defaults_tiny_run_times_whole_passes_of_both_settings(capsys):
+    """Each timed run is one whole pass over digit 3 of the training split in batches of 32 (the count is computed
+    here from the split), and both settings get a time per step."""
+    from lightning_jit.demo.data import load_digits_split
+
     result = bench_defaults.main(["--rounds", "1", "--epochs", "1"])
     assert set(result) == {"plain JiT", "defaults", "ratio"}
-    assert result["plain JiT"] > 0 and result["ratio"] == result["defaults"] / result["plain JiT"]
+    assert all(0 < value < float("inf") for value in result.values())
+    batches = -(-int((load_digits_split().y_train == 3).sum()) // 32)
+    printed = capsys.readouterr().out
+    for name in ("plain JiT", "defaults"):
+        assert f"{name}: {result[name]:.1f} ms per step (median of 1 runs of {batches} steps, whole fit)" in printed
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import assert_same_weights, quiet_trainer, sgd_by_hand
+from _utils import assert_same_weights, fit_fails_without_changing, quiet_trainer, sgd_by_hand
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -274,10 +274,7 @@ def test_non_module_model_is_refused():
 
 
 def _fails_without_changing(model, loader, error, match, **kwargs):
-    snap = WeightSnapshot(model)
-    with pytest.raises(error, match=match):
-        quiet_trainer().fit(JiTUnlearning(model, sigma=0.1, lr=0.5, **kwargs), loader)
-    assert snap.equals(model)
+    fit_fails_without_changing(model, loader, error, match, sigma=0.1, lr=0.5, **kwargs)
 
 
 def test_empty_forget_loader_is_refused(trained_cnn):
