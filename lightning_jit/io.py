@@ -133,20 +133,24 @@ def _umask() -> int:
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN/Inf floats as ``None`` and non-string keys as strings, for strict JSON.
+    """``obj`` for strict JSON: NaN/Inf floats as ``None``, non-string keys as strings, tuples and sets as lists, numpy
+    and torch scalars as numbers and arrays as (nested) lists, paths as strings.
 
     Example:
-        >>> json_safe({1: [float("nan"), 2.0]})
-        {'1': [None, 2.0]}
+        >>> import numpy as np, pathlib
+        >>> json_safe({1: [float("nan"), 2.0], "a": (np.float32(0.5), torch.tensor([1, 2])), "p": pathlib.Path("x")})
+        {'1': [None, 2.0], 'a': [0.5, [1, 2]], 'p': 'x'}
     """
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, set, frozenset)):
         return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
-        return json_safe(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # numpy / torch scalars and arrays
+        return json_safe(obj.tolist())
     return obj
 
 

@@ -198,3 +198,29 @@ def test_atomic_write_gives_the_permissions_a_plain_open_would(tmp_path):
     with atomic_write(tmp_path / "atomic.txt") as fh:
         fh.write("x")
     assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_audit_records_are_strict_json_through_the_one_sanitiser(tmp_path):
+    """The audit file holds strict JSON: the values a run record carries are written as the standard library reads
+    them back (NaN as null, tensors and arrays as lists, paths as strings)."""
+    import json
+
+    import numpy as np
+
+    from lightning_jit.lightning.ledger import read_audit, write_audit_record
+
+    record = {
+        "accuracy": float("nan"),
+        "ids": (3, 5),
+        "seen": {7},
+        "loss": torch.tensor(0.25),
+        "rows": np.array([[1, 2]]),
+        "path": tmp_path / "x.ckpt",
+        "counts": {1: np.int64(4)},
+    }
+    write_audit_record(tmp_path / "audit.jsonl", record)
+    line = (tmp_path / "audit.jsonl").read_text().strip()
+    want = {"accuracy": None, "ids": [3, 5], "seen": [7], "loss": 0.25, "rows": [[1, 2]]}
+    want |= {"path": str(tmp_path / "x.ckpt"), "counts": {"1": 4}}
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == want
+    assert read_audit(tmp_path / "audit.jsonl") == [want]

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_jit._version import __version__
-from lightning_jit.io import atomic_append_line
+from lightning_jit.io import atomic_append_line, json_safe
 
 SampleId = int | str
 
@@ -246,19 +246,10 @@ class DeletionLedger:
         self.runs = copy.deepcopy(list(state["runs"]))
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.generic, torch.Tensor)):
-        return obj.item() if getattr(obj, "ndim", 0) == 0 else obj.tolist()
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def write_audit_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append ``record`` as one JSON line to the audit file at ``path``, atomically."""
-    atomic_append_line(path, json.dumps(record, sort_keys=True, default=_json_default, allow_nan=True))
+    """Append ``record`` as one strict JSON line (:func:`~lightning_jit.io.json_safe`) to the audit file at ``path``,
+    atomically."""
+    atomic_append_line(path, json.dumps(json_safe(record), sort_keys=True, allow_nan=False))
 
 
 def read_audit(path: str | os.PathLike) -> list[dict[str, Any]]:
