@@ -261,7 +261,10 @@ def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
             tow.update(data[f"{split}_u"][half], data[f"{split}_r"][half], data[f"{split}_y"][half], split)
         match.update(data["forget_u"][half], data["forget_r"][half])
         zrf.update(data["forget_u"][half], data["forget_r"][half])
+        accuracy = SplitAccuracy(split="test")
+        accuracy.update(data["test_u"][half], data["test_y"][half])
         result = {
+            "accuracy": float(accuracy.compute()),
             "entropy": float(ent.compute()),
             "n": int(ent.per_sample().numel()),
             "mia": float(mia.compute()["mia"]),
@@ -300,7 +303,9 @@ def test_metrics_sync_under_real_ddp(tmp_path):
         tow.update(data[f"{split}_u"], data[f"{split}_r"], data[f"{split}_y"], split)
     match.update(data["forget_u"], data["forget_r"])
     zrf.update(data["forget_u"], data["forget_r"])
+    # accuracy over both ranks' samples, counted by hand
     single = {
+        "accuracy": 100.0 * int((data["test_u"].argmax(1) == data["test_y"]).sum()) / len(data["test_y"]),
         "entropy": float(ent.compute()),
         "n": 40,
         "mia": float(mia.compute()["mia"]),

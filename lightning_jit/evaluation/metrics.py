@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_jit.evaluation.functional import (
@@ -36,9 +37,12 @@ from lightning_jit.evaluation.functional import (
 )
 
 
-class SplitAccuracy(Metric):
+class SplitAccuracy(MulticlassAccuracy):
     """Top-1 accuracy in percent on the retain or test split: **higher is better** (unlearning should not hurt the
     rest); the reference is the original model's and the retrained model's accuracy on the same split.
+
+    torchmetrics' ``MulticlassAccuracy`` (``average="micro"``: correct predictions over samples) counts; this class
+    checks the inputs, names the split and reports the share in percent, in float64.
 
     For the forget split use :class:`ForgetAccuracy`, whose good direction differs.
 
@@ -54,28 +58,27 @@ class SplitAccuracy(Metric):
     full_state_update = False
     _allowed_splits: tuple[str, ...] = ("retain", "test")
 
-    correct: Tensor
-    total: Tensor
+    tp: Tensor
+    fn: Tensor
 
     def __init__(self, split: str = "test", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         if split not in self._allowed_splits:
             hint = " Use `ForgetAccuracy` for the forget split." if split == "forget" else ""
             raise MisconfigurationException(f"`split` must be one of {self._allowed_splits}, got {split!r}.{hint}")
+        super().__init__(num_classes=None, average="micro", **kwargs)
         self.split = split
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         _check_logits(logits)
         _check_targets(target, logits)
-        self.correct += (logits.argmax(-1) == target).sum()
-        self.total += target.numel()
+        super().update(logits, target)
 
     def compute(self) -> Tensor:
-        if self.total == 0:
+        # micro average: every sample is either a true positive or a false negative of its own class
+        total = (self.tp + self.fn).sum()
+        if total == 0:
             raise MisconfigurationException(f"SplitAccuracy({self.split!r}) saw no samples: the split is empty.")
-        return 100.0 * self.correct.double() / self.total
+        return 100.0 * self.tp.sum().double() / total
 
 
 class ForgetAccuracy(SplitAccuracy):
