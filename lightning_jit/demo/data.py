@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightning_jit.core.state import normalization_mode
 from lightning_jit.lightning.trainer import quiet_trainer
 
 #: Per-pixel scale of scikit-learn's digits (values are integers 0..16).
@@ -116,7 +118,8 @@ class DigitsCNN(pl.LightningModule):
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         x, y = batch[0], batch[1]
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
+        logits = self(x)
+        self.log("val_acc", multiclass_accuracy(logits, y, logits.shape[1], average="micro"), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -174,15 +177,15 @@ def random_forget_mask(n: int, fraction: float, seed: int = 0) -> Tensor:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent of ``model`` (put in eval mode) on ``(x, y)``; NaN for an empty split."""
+    from lightning_jit.evaluation.metrics import SplitAccuracy
+
     if len(y) == 0:
         return float("nan")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        correct += int((model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / len(y)
+    metric = SplitAccuracy().to(y.device)
+    with normalization_mode(model, "eval"):
+        for start in range(0, len(y), batch_size):
+            metric.update(model(x[start : start + batch_size]), y[start : start + batch_size])
+    return float(metric.compute())
 
 
 class DigitsDataModule(pl.LightningDataModule):

@@ -12,6 +12,7 @@ output) that ``JiTUnlearning`` accepts with a given ``batch_format`` is accepted
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.outcome import Verification
+from lightning_jit.core.state import normalization_mode
 from lightning_jit.evaluation.functional import SPLITS, activation_distance, random_copy, warn_if_useless_attack
 from lightning_jit.evaluation.information import check_tau, layer_features, sample_information, split_by_information
 from lightning_jit.evaluation.metrics import (
@@ -188,20 +190,13 @@ def _run_split(
     )
 
 
-class _EvalMode:
-    """Put every model in eval mode for the evaluation and restore each one's mode afterwards."""
-
-    def __init__(self, models: Iterable[nn.Module]) -> None:
-        self.models = list(models)
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in zip(self.models, self.modes, strict=True):
-            m.train(mode)
+@contextlib.contextmanager
+def _eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Put every model in eval mode for the evaluation and restore each submodule's mode afterwards."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(normalization_mode(model, "eval"))
+        yield
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -241,7 +236,7 @@ def predict_split(
     """
     batch_format = check_batch_format(batch_format)
     _check_positive_int("batch_size", batch_size)
-    with _EvalMode([model]):
+    with _eval_mode([model]):
         out = _run_split({"model": model}, split, name, batch_size, batch_format)
     return out.logits["model"], out.y
 
@@ -348,7 +343,7 @@ def evaluate_unlearning(
     teacher = random_copy(unlearned, seed=seed)
     feature_fn = layer_features(original, feature_layer) if feature_layer is not None else None
     outputs: dict[str, _SplitOutputs] = {}
-    with _EvalMode([*models.values(), teacher]):
+    with _eval_mode([*models.values(), teacher]):
         for name, split in (("forget", forget), ("retain", retain), ("test", test)):
             if split is not None:
                 outputs[name] = _run_split(

@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_jit.core.state import normalization_mode
+
 #: Rows of the distance matrix computed at once.
 DEFAULT_BLOCK = 2048
 
@@ -171,15 +173,12 @@ def layer_features(model: nn.Module, layer: str | nn.Module) -> Callable[[Tensor
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)  # type: ignore[arg-type]
 
         handle = module.register_forward_hook(hook)
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), normalization_mode(model, "eval"):
                 device = next((p.device for p in model.parameters()), batch.device)
                 model(batch.to(device))
         finally:
             handle.remove()
-            model.train(was_training)
         if not captured:
             raise MisconfigurationException(f"`feature_layer` {layer!r} was not called in the model's forward pass.")
         return captured[0].reshape(batch.shape[0], -1)

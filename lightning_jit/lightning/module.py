@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.engine import JiTRun
@@ -357,7 +358,8 @@ class JiTUnlearning(pl.LightningModule):
                 model._current_fx_name = previous
         x, y = self.batch_format.input_and_labels(batch, "validation")
         logits = self.batch_format.logits(model(x), x.shape[0])
-        accuracy = (logits.argmax(1) == y.to(logits.device)).float().mean() * 100.0
+        y = y.to(logits.device)
+        accuracy = multiclass_accuracy(logits, y, logits.shape[1], average="micro", validate_args=False) * 100.0
         self.log("val_acc", accuracy, prog_bar=True, batch_size=int(y.shape[0]))
         return None
 
