@@ -35,6 +35,7 @@ from lightning_jit.core.calibration import batch_size_for
 from lightning_jit.core.outcome import JiTUnlearningFailed
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.demo.data import DigitsCNN, DigitsDataModule, accuracy
+from lightning_jit.tune.settings import TuneSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -128,6 +129,14 @@ def test_help_shows_every_setting_with_its_docstring(capsys, monkeypatch):
     for command in ("evaluate", "tune", "demo"):
         assert main([command, "--help"]) == 0
         assert "--config" in capsys.readouterr().out or command == "demo"
+    # `tune`'s flags are the search's declaration: each field, with its docstring and its default
+    assert main(["tune", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    documented = {p.arg_name: p.description for p in docstring_parser.parse(TuneSettings.__doc__).params}
+    for f in dataclasses.fields(TuneSettings):
+        if f.name != "task":  # `--task` is tune's own: by default it follows the forget selection
+            assert f"--{f.name} " in shown and " ".join(documented[f.name].split()) in shown, f.name
+            assert f.default is None or f"default: {f.default}" in shown, f.name
 
 
 def test_user_script_help_lists_unlearn(capsys, monkeypatch):
@@ -394,7 +403,12 @@ def test_console_usage_errors_are_one_line(capsys, tmp_path):
         (["tune", "--config", FULL_CLASS, "--n_configs", "0"], "--n_configs"),
         (["tune", "--config", FULL_CLASS, "--n_configs", "many"], "--n_configs"),
         (["tune", "--config", FULL_CLASS, "--out", str(existing), "--ckpt_path", "x.ckpt"], "--out"),
-        (["demo", "--forget-class", "12"], "--forget-class"),
+        (["demo", "--forget-class", "12"], "--forget_class"),  # either spelling; the error names the declared one
+        (["tune", "--config", FULL_CLASS, "--sigma_range", "[0, 1]"], "--sigma_range"),
+        (["tune", "--config", FULL_CLASS, "--task", "subclass"], "--task"),
+        (["tune", "--config", FULL_CLASS, "--max_drop", "-1"], "--max_drop"),
+        (["evaluate", "--config", FULL_CLASS, "--unlearned", "x.ckpt", "--overwrite", "maybe"], "--overwrite"),
+        (["evaluate", "--config", FULL_CLASS, "--seed", "one"], "--seed"),
     ]
     for args, flag in cases:
         assert main(args) == 2, args

@@ -1,5 +1,5 @@
-"""The ``lightning-jit`` console script: ``demo``, ``unlearn`` (:class:`~lightning_jit.cli.JiTCLI`), ``evaluate``
-and ``tune``.
+"""The ``lightning-jit`` console script's command dispatch: ``demo``, ``unlearn`` (:class:`~lightning_jit.cli.JiTCLI`),
+``evaluate`` and ``tune``.
 
 ::
 
@@ -7,6 +7,13 @@ and ``tune``.
     lightning-jit unlearn --config cfg.yaml
     lightning-jit evaluate --config cfg.yaml --original a.ckpt --unlearned b.ckpt
     lightning-jit tune --config cfg.yaml --out tune/ && lightning-jit unlearn --config cfg.yaml --config tune/tuned.yaml
+
+One mechanism parses every subcommand: jsonargparse, from signatures and declarations, so that each flag, its type,
+its default and its ``--help`` text are written once, where the argument is declared. ``unlearn`` is
+:meth:`JiTTrainer.unlearn <lightning_jit.cli.trainer.JiTTrainer.unlearn>` (through LightningCLI); ``demo`` is
+:func:`~lightning_jit.demo.run.run_demo`; ``evaluate`` is :func:`evaluate` (and ``--seed`` of
+:func:`~lightning_jit.evaluation.evaluate.evaluate_unlearning`); ``tune`` is :func:`tune` and the fields of
+:class:`~lightning_jit.tune.settings.TuneSettings`. A flag may be spelt with ``-`` or ``_`` (``--forget-class``).
 
 Exit codes (``docs/cli.md`` has the table):
 
@@ -25,31 +32,39 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_jit.cli.diagnose import explain, given_values
 from lightning_jit.cli.errors import JiTUsageError
 from lightning_jit.cli.job import load_job
 from lightning_jit.cli.lightning_cli import EXIT_NOT_FORGOTTEN
 from lightning_jit.cli.migration import check_key
 from lightning_jit.cli.trainer import UNLEARN_RECORD_KEY
 from lightning_jit.core.batch import BatchFormat
-from lightning_jit.core.errors import JiTDivergenceError
+from lightning_jit.core.errors import JiTDivergenceError, JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.outcome import JiTUnlearningFailed
 
-__all__ = ["EXIT_NOT_FORGOTTEN", "main"]
+__all__ = ["EXIT_NOT_FORGOTTEN", "evaluate", "main", "tune"]
 
 PROG = "lightning-jit"
-#: ``jit`` settings of an unlearn config that ``tune`` searches (sigma, lr) or sets itself, and so does not pass on.
-_SET_BY_TUNE = ("sigma", "lr", "n_perturbations", "epochs", "seed")
+#: The subcommands and what ``lightning-jit --help`` says of each.
+_HELP = {
+    "demo": "Train on scikit-learn's digits, forget one class with JiT, compare to retraining (`demo --help`).",
+    "unlearn": "Unlearn a forget set from a checkpoint (JiTCLI's unlearn subcommand: `unlearn --help`).",
+    "evaluate": "Write the unlearning report for an original, an unlearned and a retrained checkpoint.",
+    "tune": "Search sigma and lr for a checkpoint and forget set; write tuned.yaml for `unlearn`.",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             elif command is None or not command.startswith("-"):
                 raise JiTUsageError(command or "command", f"give one of {', '.join(_COMMANDS)} (see `{PROG} --help`).")
             else:
-                _parse(_top_parser(), argv)  # --help, or an unknown option
+                _parse_top(argv)  # --help, or an unknown option
         return 0
     except SystemExit as exit_:
         code = exit_.code
@@ -101,48 +116,144 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parsing: argparse, with every error one line naming the flag
+# Parsing: jsonargparse from the signatures, with every error one line naming the flag
 # ----------------------------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are :class:`JiTUsageError` (one line) instead of usage dumps."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(exit_on_error=False, **kwargs)
-
-    def error(self, message: str) -> Any:
-        raise JiTUsageError("arguments", message)
+#: Where a subcommand's arguments are declared: a function or a settings class, and the names it gives (all: ``None``).
+_Source = tuple[Callable[..., Any], Collection[str] | None]
 
 
-def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
-    try:
-        parsed, unknown = parser.parse_known_args(args)
-    except argparse.ArgumentError as err:
-        raise JiTUsageError(err.argument_name or parser.prog, err.message) from err
-    if unknown:
-        flag = unknown[0].split("=", 1)[0]
-        check_key(f"{parser.prog.split()[-1]}.{flag.lstrip('-')}", flag)
-        raise JiTUsageError(flag, f"is not an option of `{parser.prog}`; see `{parser.prog} --help`.")
-    return parsed
+class _Command:
+    """A subcommand's parser, built by jsonargparse from ``sources`` (the first one's docstring describes it), and the
+    typed parameters behind its flags."""
+
+    def __init__(self, name: str, *sources: _Source) -> None:
+        from jsonargparse import ArgumentParser
+
+        self.name = name
+        self.parser = ArgumentParser(
+            prog=f"{PROG} {name}", description=_description(sources[0][0]), exit_on_error=False
+        )
+        self.parameters: dict[str, inspect.Parameter] = {}
+        for source, names in sources:
+            taken = _typed_parameters(source, names)
+            skip = _signature_arguments(source) - set(taken)
+            _add_arguments(self.parser, source, skip)
+            self.parameters.update(taken)
+        for action in self.parser._actions:  # a bool flag given alone means true (`--overwrite`)
+            if getattr(action, "_typehint", None) is bool:
+                action.nargs, action.const = "?", True
+
+    def parse(self, args: list[str]) -> dict[str, Any]:
+        """The arguments as keywords; a usage error names the flag (the parser's own message only as a last resort).
+
+        Raises:
+            JiTUsageError: for a removed flag (with what to do instead), an unknown flag, a value of the wrong type or
+                a missing required argument.
+        """
+        args = [_underscored(a) for a in args]
+        given = given_values(_without_config(args))
+        for item in given:
+            check_key(f"{self.name}.{item.key}", item.flag)
+        try:
+            parsed = self.parser.parse_args(args)
+        except argparse.ArgumentError as err:
+            flags = [g for g in given if not (g.value is None and self._is_bool(g.key))]  # `--overwrite` alone
+            found = explain(flags, {}, self.parameters, set(self.parser._option_string_actions))
+            if found is not None:
+                raise found from err
+            named = {item.key for item in given}
+            named |= {"config"} if any(a == "--config" or a.startswith("--config=") for a in args) else set()
+            for name, param in self.parameters.items():
+                if param.default is inspect.Parameter.empty and name not in named:
+                    raise JiTUsageError(f"--{name}", "is required.") from err
+            raise JiTUsageError("arguments", " ".join(str(err).split())) from err
+        return parsed.as_dict()
+
+    def _is_bool(self, name: str) -> bool:
+        param = self.parameters.get(name)
+        return param is not None and param.annotation is bool
 
 
-def _top_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def _add_arguments(parser: Any, source: Callable[..., Any], skip: set[str]) -> None:
+    if isinstance(source, type):
+        parser.add_class_arguments(source, nested_key=None, as_group=False, skip=skip)
+    else:
+        parser.add_function_arguments(source, nested_key=None, as_group=False, skip=skip)
+
+
+def _signature_arguments(source: Callable[..., Any]) -> set[str]:
+    """Every argument jsonargparse makes of ``source``: its parameters and, for a ``**kwargs``, the parameters of what
+    it is passed on to (which it finds itself); only those that a subcommand takes from ``source`` are kept."""
+    from jsonargparse import ArgumentParser
+
+    probe = ArgumentParser(exit_on_error=False)
+    _add_arguments(probe, source, set())
+    return {action.dest for action in probe._actions if action.dest != "help"} | set(
+        inspect.signature(source).parameters
+    )
+
+
+def _typed_parameters(source: Callable[..., Any], names: Collection[str] | None) -> dict[str, inspect.Parameter]:
+    """The named parameters of a function or settings class, with their annotations resolved."""
+    hints = typing.get_type_hints(source)
+    return {
+        name: param.replace(annotation=hints.get(name, param.annotation))
+        for name, param in inspect.signature(source).parameters.items()
+        if (names is None or name in names) and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
+    }
+
+
+#: Docstring sections that are not the description of a subcommand.
+_SECTIONS = ("Args:", "Returns:", "Raises:", "Example:", "Examples:")
+
+
+def _description(run: Callable[..., Any]) -> str:
+    """The text of a function's docstring before its sections (``Args:``...), as one paragraph per line."""
+    text = inspect.cleandoc(run.__doc__ or "").split("\n\n")
+    kept = [" ".join(p.split()) for p in text if not p.lstrip().startswith(_SECTIONS)]
+    return "\n\n".join(kept)
+
+
+def _underscored(token: str) -> str:
+    """``--forget-class=3`` -> ``--forget_class=3``: a flag may be spelt with ``-`` or ``_``."""
+    if not token.startswith("--"):
+        return token
+    flag, eq, value = token.partition("=")
+    return "--" + flag[2:].replace("-", "_") + eq + value
+
+
+def _without_config(args: list[str]) -> list[str]:
+    """The arguments without ``--config <file>``: the unlearn config is a path here, not a config of this parser."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--config":
+            i += 2
+            continue
+        if not args[i].startswith("--config="):
+            out.append(args[i])
+        i += 1
+    return out
+
+
+def _parse_top(args: list[str]) -> None:
+    """``lightning-jit --help``; any other option before the subcommand is a usage error naming it."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
         prog=PROG,
-        description=(
-            "JiT zero-shot unlearning for Lightning. Exit codes: 0 success (verified forgotten), 3 not forgotten,"
-            " 2 usage error, 1 failure, 130 interrupted."
-        ),
+        description="JiT zero-shot unlearning for Lightning. Exit codes: 0 success (verified forgotten), 3 not"
+        " forgotten, 2 usage error, 1 failure, 130 interrupted.",
+        exit_on_error=False,
     )
     parser.add_argument("--verbose", action="store_true", help="Print the traceback of a failure.")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(_COMMANDS) + "}")
-    for name, text in (
-        ("demo", "Train on scikit-learn's digits, forget one class with JiT, compare to retraining (`demo --help`)."),
-        ("unlearn", "Unlearn a forget set from a checkpoint (JiTCLI's unlearn subcommand: `unlearn --help`)."),
-        ("evaluate", "Write the unlearning report for an original, an unlearned and a retrained checkpoint."),
-        ("tune", "Search sigma and lr for a checkpoint and forget set; write tuned.yaml for `unlearn`."),
-    ):
-        sub.add_parser(name, add_help=False, help=text)
-    return parser
+    subcommands = parser.add_subcommands(required=False, dest="command")
+    for name, text in _HELP.items():
+        subcommands.add_subcommand(name, ArgumentParser(exit_on_error=False), help=text)
+    try:
+        parser.parse_args(args)
+    except argparse.ArgumentError as err:
+        flag = args[0].split("=", 1)[0]
+        raise JiTUsageError(flag, f"is not an option of `{PROG}`; see `{PROG} --help`.") from err
 
 
 @contextlib.contextmanager
@@ -173,20 +284,12 @@ def _argv(argv: list[str]) -> Iterator[None]:
 # demo and unlearn
 # ----------------------------------------------------------------------------------------------------------------------
 def _run_demo(rest: list[str]) -> None:
-    from lightning_jit.demo.run import DEMO_FORGET_CLASS, run_demo
+    from lightning_jit.demo.run import run_demo
 
-    parser = _Parser(
-        prog=f"{PROG} demo",
-        description="Train on scikit-learn's digits, forget one class with JiT, and compare with retraining without"
-        " it. Needs no download.",
-    )
-    default = DEMO_FORGET_CLASS
-    parser.add_argument("--forget-class", type=int, default=default, help=f"The digit to forget (default: {default}).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
-    args = _parse(parser, rest)
-    if not 0 <= args.forget_class <= 9:
-        raise JiTUsageError("--forget-class", f"must be a digit 0-9, got {args.forget_class}.")
-    run_demo(forget_class=args.forget_class, seed=args.seed)
+    args = _Command("demo", (run_demo, ("forget_class", "seed"))).parse(rest)
+    if not 0 <= args["forget_class"] <= 9:
+        raise JiTUsageError("--forget_class", f"must be a digit 0-9, got {args['forget_class']}.")
+    run_demo(**args)
 
 
 def _run_unlearn(rest: list[str]) -> None:
@@ -200,55 +303,57 @@ def _run_unlearn(rest: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------------------------------
-def _evaluate_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=f"{PROG} evaluate",
-        description="Write the unlearning report (report.md, report.json, report.png) for an original checkpoint, an"
-        " unlearned one and an optional retrained one. The model, datamodule, forget set and batch format come from"
-        " the unlearn config (its `model`, `data`, `forget` and `batch` groups; the others are ignored). Forget = the"
-        " forget set, retain = the rest of the training set (for classes/indices/ids selections), test = the"
-        " datamodule's test_dataloader().",
-    )
-    parser.add_argument("--config", help="The YAML config given to `lightning-jit unlearn` (required).")
-    parser.add_argument("--unlearned", help="The unlearned checkpoint (required).")
-    parser.add_argument(
-        "--original", help="The original checkpoint (default: the source recorded in the unlearned checkpoint)."
-    )
-    parser.add_argument("--retrained", help="A checkpoint retrained without the forget set (the gold standard).")
-    parser.add_argument("--report_dir", help="Where to write the report (default: <unlearned>_report/).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the ZRF random model (default: 0).")
-    return parser
+def evaluate(
+    config: str,
+    unlearned: str,
+    original: str | None = None,
+    retrained: str | None = None,
+    report_dir: str | None = None,
+    overwrite: bool = False,
+    **report: Any,
+) -> None:
+    """Write the unlearning report (report.md, report.json, report.png) for an original checkpoint, an unlearned one
+    and an optional retrained one.
 
+    The model, datamodule, forget set and batch format come from the unlearn config (its `model`, `data`, `forget`
+    and `batch` groups; the others are ignored). Forget = the forget set, retain = the rest of the training set (for
+    classes/indices/ids selections), test = the datamodule's test_dataloader().
 
-def _run_evaluate(rest: list[str]) -> None:
+    Args:
+        config: The YAML config given to `lightning-jit unlearn`.
+        unlearned: The unlearned checkpoint.
+        original: The original checkpoint (default: the source recorded in the unlearned checkpoint).
+        retrained: A checkpoint retrained without the forget set (the gold standard).
+        report_dir: Where to write the report (default: <unlearned>_report/).
+        overwrite: Replace an existing report.
+        report: Arguments of ``evaluate_unlearning`` (``--seed``, of the ZRF random model).
+
+    Raises:
+        JiTUsageError: naming the flag, before anything is written.
+    """
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.utils.data import DataLoader, Subset
 
     from lightning_jit.cli.checkpoints import load_checkpoint
     from lightning_jit.cli.forget import forget_indices
 
-    args = _parse(_evaluate_parser(), rest)
-    for flag, value in (("--config", args.config), ("--unlearned", args.unlearned)):
-        if not value:
-            raise JiTUsageError(flag, "is required.")
-    if not Path(args.config).is_file():
-        raise JiTUsageError("--config", f"no such file: {args.config!r}.")
-    unlearned_ckpt = load_checkpoint(args.unlearned, "--unlearned")
-    original_path = args.original or (unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("source_checkpoint")
+    if not Path(config).is_file():
+        raise JiTUsageError("--config", f"no such file: {config!r}.")
+    unlearned_ckpt = load_checkpoint(unlearned, "--unlearned")
+    original_path = original or (unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("source_checkpoint")
     if not original_path:
         raise JiTUsageError("--original", "is required: the unlearned checkpoint records no source checkpoint.")
-    for flag, path in (("--original", original_path), ("--retrained", args.retrained)):
+    for flag, path in (("--original", original_path), ("--retrained", retrained)):
         if path is not None:
             load_checkpoint(path, flag)
-    report_dir = Path(args.report_dir or f"{Path(args.unlearned).with_suffix('')}_report")
+    report_dir = Path(report_dir or f"{Path(unlearned).with_suffix('')}_report")
     existing = [p for p in ("report.json", "report.md", "report.png") if (report_dir / p).exists()]
-    if existing and not args.overwrite:
+    if existing and not overwrite:
         raise JiTUsageError("--report_dir", f"{str(report_dir)!r} already holds {existing}; pass --overwrite.")
 
-    job = load_job(args.config)
+    job = load_job(config)
     models = {}
-    for flag, path in (("--original", original_path), ("--unlearned", args.unlearned), ("--retrained", args.retrained)):
+    for flag, path in (("--original", original_path), ("--unlearned", unlearned), ("--retrained", retrained)):
         if path is not None:
             models[flag] = job.load(flag, path)
     forget_loader = job.forget_loader()
@@ -261,108 +366,96 @@ def _run_evaluate(rest: list[str]) -> None:
 
     from lightning_jit.evaluation.evaluate import evaluate_unlearning
 
-    report = evaluate_unlearning(
+    result = evaluate_unlearning(
         models["--original"],
         models["--unlearned"],
         forget_loader,
         retain=retain,
         test=test,
         retrained=models.get("--retrained"),
-        seed=args.seed,
+        **report,
         batch_format=job.batch_format,
         verification=(unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("verification"),
     )
-    paths = report.save(report_dir)
-    print(report.to_markdown())
+    paths = result.save(report_dir)
+    print(result.to_markdown())
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _run_evaluate(rest: list[str]) -> None:
+    from lightning_jit.evaluation.evaluate import evaluate_unlearning
+
+    evaluate(**_Command("evaluate", (evaluate, None), (evaluate_unlearning, ("seed",))).parse(rest))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # tune
 # ----------------------------------------------------------------------------------------------------------------------
-def _tune_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=f"{PROG} tune",
-        description="Search JiT's sigma and lr for a model and forget set (successive halving, see docs/tune.md) and"
-        " write tuned.yaml (the `jit:` group for `unlearn --config ... --config tuned.yaml`), trials.md, trials.json"
-        " and tune.png. The model, datamodule, forget set, batch format, checkpoint and the JiT settings it does not"
-        " search come from the unlearn config; its jit.sigma, jit.lr, jit.n_perturbations, jit.epochs and jit.seed"
-        " are the search's own.",
-    )
-    parser.add_argument("--config", help="The YAML config given to `lightning-jit unlearn` (required).")
-    parser.add_argument("--ckpt_path", help="The trained checkpoint (default: the config's ckpt_path).")
-    parser.add_argument("--out", default="lightning_jit_tune", help="Output directory (default: lightning_jit_tune).")
-    parser.add_argument(
-        "--task",
-        choices=("class", "random"),
-        help="class: the forget set is whole classes; random: a sample of the training data, judged against the"
-        " test split's confidence (default: class with forget.classes, else random).",
-    )
-    parser.add_argument(
-        "--monitor",
-        choices=("val", "test"),
-        help="Monitored mode: the datamodule's val or test split, without the forgotten classes, must keep its"
-        " accuracy within --max_drop points (default: zero-shot, no held-out data).",
-    )
-    parser.add_argument("--max_drop", type=float, default=2.0, help="With --monitor: allowed fall, points.")
-    parser.add_argument("--budget", type=float, help="Time budget in seconds (default: none).")
-    parser.add_argument("--n_configs", type=int, default=16, help="Settings drawn at the first rung (default: 16).")
-    parser.add_argument("--max_epochs", type=int, default=30, help="Epochs of the last rung (default: 30).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace existing files in --out.")
-    return parser
+def tune(
+    config: str,
+    ckpt_path: str | None = None,
+    out: str = "lightning_jit_tune",
+    task: Literal["class", "random"] | None = None,
+    monitor: Literal["val", "test"] | None = None,
+    max_drop: float | None = None,
+    overwrite: bool = False,
+    **search: Any,
+) -> None:
+    """Search JiT's sigma and lr for a model and forget set (successive halving, see docs/tune.md) and write
+    tuned.yaml (the `jit:` group for `unlearn --config ... --config tuned.yaml`), trials.md, trials.json and tune.png.
 
+    The model, datamodule, forget set, batch format, checkpoint, collapse guard and the JiT settings it does not search
+    come from the unlearn config; its jit.sigma, jit.lr, jit.n_perturbations, jit.epochs and jit.seed are the search's
+    own. The other flags are the search's settings (TuneSettings).
 
-def _run_tune(rest: list[str]) -> None:
-    args = _parse(_tune_parser(), rest)
-    if not args.config:
-        raise JiTUsageError("--config", "is required.")
-    for flag, value, ok in (
-        ("--n_configs", args.n_configs, args.n_configs >= 1),
-        ("--max_epochs", args.max_epochs, args.max_epochs >= 1),
-        ("--budget", args.budget, args.budget is None or args.budget > 0),
-        ("--max_drop", args.max_drop, args.max_drop >= 0),
-    ):
-        if not ok:
-            raise JiTUsageError(flag, f"must be > 0 (>= 0 for --max_drop, >= 1 for counts), got {value!r}.")
-    job = load_job(args.config)
-    ckpt_path = args.ckpt_path or job.config.get("ckpt_path")
+    Args:
+        config: The YAML config given to `lightning-jit unlearn`.
+        ckpt_path: The trained checkpoint (default: the config's ckpt_path).
+        out: Output directory.
+        task: class: the forget set is whole classes; random: a sample of the training data, judged against the test
+            split's confidence (default: the config's jit.task if class or random, else class with forget.classes and
+            random without).
+        monitor: Monitored mode: the datamodule's val or test split, without the forgotten classes, must keep its
+            accuracy within --max_drop points (default: zero-shot, no held-out data).
+        max_drop: With --monitor: the largest allowed fall of its accuracy, in points (default: the config's
+            guard.max_drop).
+        overwrite: Replace existing files in --out.
+        search: Fields of ``TuneSettings`` (``--n_configs``, ``--max_epochs``, ``--budget``, ``--seed``...).
+
+    Raises:
+        JiTUsageError: naming the flag, before anything is written.
+    """
+    from lightning_jit.tune import tune_jit
+    from lightning_jit.tune.settings import PER_TRIAL, TuneSettings
+
+    try:
+        TuneSettings(**search)  # the search's settings, checked before anything is read
+        job = load_job(config)
+        guard = job.guard if max_drop is None else dataclasses.replace(job.guard, max_drop=max_drop)
+    except JiTSettingError as err:
+        raise JiTUsageError(f"--{err.setting}", _without_name(err)) from err
+    ckpt_path = ckpt_path or job.config.get("ckpt_path")
     if not ckpt_path:
         raise JiTUsageError("--ckpt_path", "is required (or `ckpt_path` in the config): the trained checkpoint.")
-    out = Path(args.out)
-    existing = [p for p in ("tuned.yaml", "trials.md", "trials.json", "tune.png") if (out / p).exists()]
-    if existing and not args.overwrite:
-        raise JiTUsageError("--out", f"{str(out)!r} already holds {existing}; pass --overwrite.")
+    out_dir = Path(out)
+    existing = [p for p in ("tuned.yaml", "trials.md", "trials.json", "tune.png") if (out_dir / p).exists()]
+    if existing and not overwrite:
+        raise JiTUsageError("--out", f"{str(out_dir)!r} already holds {existing}; pass --overwrite.")
     model = job.load("--ckpt_path", ckpt_path)
-    task = args.task or ("class" if job.forget.classes else "random")
-    settings = {k: v for k, v in job.jit.items() if k not in _SET_BY_TUNE}
-    if "target_forget_accuracy" in settings and settings["target_forget_accuracy"] is None:
-        del settings["target_forget_accuracy"]  # tune's own default target then
-    for given, default in ((job.batch_format, BatchFormat()), (job.guard, CollapseGuard(max_drop=args.max_drop))):
+    own = {f.name for f in dataclasses.fields(TuneSettings)}
+    configured_task = job.jit.get("task") if job.jit.get("task") in ("class", "random") else None
+    task = task or configured_task or ("class" if job.forget.classes else "random")
+    settings = {k: v for k, v in job.jit.items() if k not in PER_TRIAL and k not in own}
+    for given, default in ((job.batch_format, BatchFormat()), (guard, CollapseGuard())):
         settings.update(_changed(given, default))
-    kwargs: dict[str, Any] = {}
-    if args.monitor is not None:
-        kwargs["monitor"] = _without_classes(
-            job.split_loader("--monitor", args.monitor), job.forget.classes, job.batch_format
-        )
-        kwargs["max_drop"] = args.max_drop
+    data: dict[str, Any] = {}
+    if monitor is not None:
+        data["monitor"] = _without_classes(job.split_loader("--monitor", monitor), job.forget.classes, job.batch_format)
     if task == "random":
-        kwargs["unseen"] = job.split_loader("--task", "test")
+        data["unseen"] = job.split_loader("--task", "test")
 
-    from lightning_jit.tune import tune_jit
-
-    result = tune_jit(
-        model,
-        job.forget_loader(),
-        task=task,
-        budget=args.budget,
-        n_configs=args.n_configs,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-        **kwargs,
-        **settings,
-    )
-    paths = result.save(out)
+    result = tune_jit(model, job.forget_loader(), task=task, **data, **search, **settings)
+    paths = result.save(out_dir)
     print(result.table())
     if result.message:
         print(f"\n{result.message}")
@@ -372,7 +465,21 @@ def _run_tune(rest: list[str]) -> None:
         raise SystemExit(EXIT_NOT_FORGOTTEN)
     print(f"\n{result.to_yaml()}")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    print(f"next: {PROG} unlearn --config {args.config} --config {paths['yaml']}")
+    print(f"next: {PROG} unlearn --config {config} --config {paths['yaml']}")
+
+
+def _run_tune(rest: list[str]) -> None:
+    from lightning_jit.tune.settings import TuneSettings
+
+    search = [f.name for f in dataclasses.fields(TuneSettings) if f.name != "task"]  # `--task` is tune's own
+    tune(**_Command("tune", (tune, None), (TuneSettings, search)).parse(rest))
+
+
+def _without_name(err: JiTSettingError) -> str:
+    """The message of a setting's error without its leading `` `name` ``, for a usage error that names the flag."""
+    prefix = f"`{err.setting}` "
+    text = str(err)
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _changed(given: Any, default: Any) -> dict[str, Any]:

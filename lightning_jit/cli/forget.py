@@ -136,7 +136,9 @@ def read_ids_file(path: str | os.PathLike) -> list[int]:
     return ids
 
 
-def select_forget_loader(datamodule: Any, forget: ForgetSelection, batch_format: BatchFormat | None = None) -> DataLoader:
+def select_forget_loader(
+    datamodule: Any, forget: ForgetSelection, batch_format: BatchFormat | None = None
+) -> DataLoader:
     """Build the forget loader that :class:`~lightning_jit.lightning.module.JiTUnlearning` trains on.
 
     ``classes``, ``indices`` and ``ids_file`` select from the datamodule's training set (``train_dataloader().dataset``,
