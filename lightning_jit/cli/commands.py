@@ -330,6 +330,12 @@ def evaluate(
 
     Raises:
         JiTUsageError: naming the flag, before anything is written.
+
+    Example:
+        >>> evaluate("no_such.yaml", "unlearned.ckpt")
+        Traceback (most recent call last):
+        ...
+        lightning_jit.cli.errors.JiTUsageError: --config: no such file: 'no_such.yaml'.
     """
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.utils.data import DataLoader, Subset
@@ -424,6 +430,12 @@ def tune(
 
     Raises:
         JiTUsageError: naming the flag, before anything is written.
+
+    Example:
+        >>> tune("no_such.yaml", n_configs=0)  # the search's settings are checked first, by their declaration
+        Traceback (most recent call last):
+        ...
+        lightning_jit.cli.errors.JiTUsageError: --n_configs: must be an integer >= 1, got 0.
     """
     from lightning_jit.tune import tune_jit
     from lightning_jit.tune.settings import PER_TRIAL, TuneSettings
