@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import CLASS_TARGET
@@ -22,10 +22,9 @@ from lightning_jit.core.checks import choice, integer, is_number, non_negative, 
 from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.settings import JiTSettings, split_settings
+from lightning_jit.tune.result import Task
 
 __all__ = ["PER_TRIAL", "REMOVED_ARGUMENTS", "TuneSettings", "forgetting_target", "split_tune_settings"]
-
-TuneTask = Literal["class", "random"]
 
 #: JiT settings the tuner sets itself for each trial (the searched ones, the rung's epochs and the run's seed): a
 #: keyword argument of these names is the tuner's own (:class:`TuneSettings`) or refused.
@@ -98,7 +97,7 @@ class TuneSettings:
         lightning_jit.core.errors.JiTSettingError: `reduction_factor` must be an integer >= 2, got 1.
     """
 
-    task: TuneTask = field(
+    task: Task = field(
         default="class",
         metadata=choice(("class", "random"), "'class': whole classes; 'random': a sample of the training data."),
     )
@@ -119,7 +118,7 @@ class TuneSettings:
         validate(self)
 
 
-def forgetting_target(task: TuneTask, base: JiTSettings) -> float | None:
+def forgetting_target(task: Task, base: JiTSettings) -> float | None:
     """The forgetting target of a search: ``base.target_forget_accuracy`` if given, else a class task's calibrated
     target (:data:`~lightning_jit.core.calibration.CLASS_TARGET`, as a run would use) and none for a random task.
 
