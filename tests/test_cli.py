@@ -25,8 +25,8 @@ from _utils import same_weights
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_jit.cli import UNLEARN_RECORD_KEY, ForgetSet, JiTTrainer, JiTUsageError, main
-from lightning_jit.cli.console import _without_classes
+from lightning_jit.cli import UNLEARN_RECORD_KEY, ForgetSelection, JiTTrainer, JiTUsageError, main
+from lightning_jit.cli.commands import _without_classes
 from lightning_jit.cli.forget import dataset_labels, read_ids_file, select_forget_loader
 from lightning_jit.cli.migration import MOVED, REMOVED
 from lightning_jit.cli.trainer import unlearn_groups
@@ -35,6 +35,7 @@ from lightning_jit.core.calibration import batch_size_for
 from lightning_jit.core.outcome import JiTUnlearningFailed
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.demo.data import DigitsCNN, DigitsDataModule, accuracy
+from lightning_jit.tune.settings import TuneSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -128,6 +129,14 @@ def test_help_shows_every_setting_with_its_docstring(capsys, monkeypatch):
     for command in ("evaluate", "tune", "demo"):
         assert main([command, "--help"]) == 0
         assert "--config" in capsys.readouterr().out or command == "demo"
+    # `tune`'s flags are the search's declaration: each field, with its docstring and its default
+    assert main(["tune", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    documented = {p.arg_name: p.description for p in docstring_parser.parse(TuneSettings.__doc__).params}
+    for f in dataclasses.fields(TuneSettings):
+        if f.name != "task":  # `--task` is tune's own: by default it follows the forget selection
+            assert f"--{f.name} " in shown and " ".join(documented[f.name].split()) in shown, f.name
+            assert f.default is None or f"default: {f.default}" in shown, f.name
 
 
 def test_user_script_help_lists_unlearn(capsys, monkeypatch):
@@ -341,7 +350,7 @@ def test_trainer_unlearn_from_python(ckpt, digits, tmp_path):
     model = DigitsCNN.load_from_checkpoint(ckpt)
     trainer = JiTTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     settings = JiTSettings(sigma=0.1, lr=0.03, n_perturbations=2, probe_distillation=0.0, redistribution=0.0)
-    forget = ForgetSet(indices=[4, 0, 9])
+    forget = ForgetSelection(indices=[4, 0, 9])
     with pytest.raises(MisconfigurationException, match="guard"):
         trainer.unlearn(model, DigitsDataModule(), jit=settings, guard={"enabled": False}, forget=forget)
     # One pass with a 5% target does not forget: in Python the outcome is an exception, and nothing is written.
@@ -394,7 +403,12 @@ def test_console_usage_errors_are_one_line(capsys, tmp_path):
         (["tune", "--config", FULL_CLASS, "--n_configs", "0"], "--n_configs"),
         (["tune", "--config", FULL_CLASS, "--n_configs", "many"], "--n_configs"),
         (["tune", "--config", FULL_CLASS, "--out", str(existing), "--ckpt_path", "x.ckpt"], "--out"),
-        (["demo", "--forget-class", "12"], "--forget-class"),
+        (["demo", "--forget-class", "12"], "--forget_class"),  # either spelling; the error names the declared one
+        (["tune", "--config", FULL_CLASS, "--sigma_range", "[0, 1]"], "--sigma_range"),
+        (["tune", "--config", FULL_CLASS, "--task", "subclass"], "--task"),
+        (["tune", "--config", FULL_CLASS, "--max_drop", "-1"], "--max_drop"),
+        (["evaluate", "--config", FULL_CLASS, "--unlearned", "x.ckpt", "--overwrite", "maybe"], "--overwrite"),
+        (["evaluate", "--config", FULL_CLASS, "--seed", "one"], "--seed"),
     ]
     for args, flag in cases:
         assert main(args) == 2, args
@@ -460,7 +474,7 @@ def test_read_ids_file(tmp_path):
 
 def test_forget_selection_matches_an_independent_selection(digits):
     dm = DigitsDataModule(forget_digits=[3])
-    loader = select_forget_loader(dm, ForgetSet(classes=[3, 5]))
+    loader = select_forget_loader(dm, ForgetSelection(classes=[3, 5]))
     selected = [loader.dataset[i] for i in range(len(loader.dataset))]
     x, y = torch.stack([a for a, _ in selected]), torch.stack([torch.as_tensor(b) for _, b in selected])
     mask = (digits.y_train == 3) | (digits.y_train == 5)  # independent: straight from the split
@@ -468,23 +482,23 @@ def test_forget_selection_matches_an_independent_selection(digits):
     read = torch.cat([b[1] for b in loader])  # one pass reads every selected sample once, shuffled
     assert torch.equal(read.sort().values, y.sort().values) and loader.batch_size == batch_size_for(len(y))
 
-    loader = select_forget_loader(dm, ForgetSet(indices=[5, 2, 900], batch_size=2))
+    loader = select_forget_loader(dm, ForgetSelection(indices=[5, 2, 900], batch_size=2))
     assert loader.batch_size == 2 and torch.equal(loader.dataset[1][0], digits.x_train[2])
 
-    hook = select_forget_loader(dm, ForgetSet())  # no selection: the datamodule's forget_dataloader() hook
+    hook = select_forget_loader(dm, ForgetSelection())  # no selection: the datamodule's forget_dataloader() hook
     assert len(hook.dataset) == int((digits.y_train == 3).sum())
 
     for forget, flag in [
-        (ForgetSet(classes=[1], indices=[2]), "--forget.indices"),
-        (ForgetSet(classes=[10]), "--forget.classes"),
-        (ForgetSet(indices=[len(digits.y_train)]), "--forget.indices"),
-        (ForgetSet(indices=[]), "--forget.indices"),
+        (ForgetSelection(classes=[1], indices=[2]), "--forget.indices"),
+        (ForgetSelection(classes=[10]), "--forget.classes"),
+        (ForgetSelection(indices=[len(digits.y_train)]), "--forget.indices"),
+        (ForgetSelection(indices=[]), "--forget.indices"),
     ]:
         with pytest.raises(JiTUsageError) as err:
             select_forget_loader(dm, forget)
         assert err.value.flag == flag
     with pytest.raises(JiTUsageError) as err:
-        select_forget_loader(DigitsDataModule(), ForgetSet())  # the hook without forget_digits
+        select_forget_loader(DigitsDataModule(), ForgetSelection())  # the hook without forget_digits
     assert err.value.flag == "--forget.loader"
 
 
@@ -583,7 +597,7 @@ def test_an_output_selector_that_finds_no_logits_is_a_usage_error_and_writes_not
 def test_a_sample_request_needs_a_heldout_split_and_is_verified_against_it(ckpt, tmp_path):
     """Samples across every class, with no target: without `--forget.heldout` a usage error naming it (no update,
     nothing written); with it, the held-out test decides, and its record is in the checkpoint."""
-    forget = ForgetSet(indices=list(range(0, 600, 2)))  # 300 training samples, every digit
+    forget = ForgetSelection(indices=list(range(0, 600, 2)))  # 300 training samples, every digit
     settings = JiTSettings(seed=0)
 
     def unlearn(**kwargs):
@@ -597,9 +611,9 @@ def test_a_sample_request_needs_a_heldout_split_and_is_verified_against_it(ckpt,
         unlearn(forget=forget)
     assert not (tmp_path / "u.ckpt").exists()
     with pytest.raises(JiTUsageError, match="--forget.heldout"):
-        unlearn(forget=ForgetSet(indices=forget.indices, heldout="no_such_method"))
+        unlearn(forget=ForgetSelection(indices=forget.indices, heldout="no_such_method"))
     # This CNN does not memorise its digits: 300 of them already look like the held-out split, which is verified.
-    _, out = unlearn(forget=ForgetSet(indices=forget.indices, heldout="val_dataloader"))
+    _, out = unlearn(forget=ForgetSelection(indices=forget.indices, heldout="val_dataloader"))
     record = torch.load(out, weights_only=True)[UNLEARN_RECORD_KEY]["verification"]
     assert record["outcome"] == "forgotten"
     assert record["heldout_test"]["n_forget"] == 300 and record["heldout_test"]["passed"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -17,8 +18,10 @@ from _utils import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_jit.core.calibration import CLASS_TARGET
+from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
-from lightning_jit.core.settings import JiTSettings, load_settings
+from lightning_jit.core.settings import JiTSettings, field_names, load_settings
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.module import JiTUnlearning
 from lightning_jit.tune import TuneResult, tune_jit
@@ -26,6 +29,7 @@ from lightning_jit.tune.judge import GUARD_PENALTY, Criterion, Judge
 from lightning_jit.tune.result import Trial
 from lightning_jit.tune.runner import TRIAL_SEED_STRIDE
 from lightning_jit.tune.search import halving_schedule, preference, run_search, sobol_trials
+from lightning_jit.tune.settings import TuneSettings, split_tune_settings
 from lightning_jit.tune.tune import _not_met_message
 
 
@@ -37,6 +41,13 @@ def _class_loader(digits, cls: int, batch_size: int = 32) -> DataLoader:
 def _tune(model: torch.nn.Module, forget, **kwargs):
     """``tune_jit`` as the tests run it: on the CPU, without a progress bar."""
     return tune_jit(model, forget, progress=False, trainer_kwargs={"accelerator": "cpu"}, **kwargs)
+
+
+def _declarations(**kwargs):
+    """What a ``Judge`` takes from ``tune_jit``'s keyword arguments: the search's settings, the trials' JiT settings and
+    the guard's."""
+    tune, base, _, guard = split_tune_settings(kwargs)
+    return tune, base, guard
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,7 +142,7 @@ def test_halving_advances_the_best_from_where_they_stopped_and_drops_the_rest():
     #   after 1 epoch: #0 99-85 = 14, #1 98-65 = 33, #2 95-45 = 50, #3 99.9-75 = 24.9  -> #2 and #1 go on to 2 epochs;
     #   after 2: #2 reaches 0% (its stopping rule fires: finished, 90 kept, met), #1 96-35 = 61 -> #2 goes on, done.
     trials = _trials((0.01, 0.01), (0.03, 0.02), (0.05, 0.05), (0.02, 0.001))
-    runner = StubRunner(Criterion(target_forget_accuracy=5.0))
+    runner = StubRunner(Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0))
     outcome = _search(runner, trials)
     advances = [c for c in runner.calls if c[0] == "advance"]
     assert advances == [("advance", i, 1) for i in range(4)] + [("advance", 2, 2), ("advance", 1, 2)]
@@ -148,7 +159,9 @@ def test_halving_advances_the_best_from_where_they_stopped_and_drops_the_rest():
 def test_finalists_are_confirmed_from_the_original_weights_and_judged_by_their_worst_run():
     # All three reach the target in one epoch; #1 keeps the most but its repeat loses 10 points of what it keeps.
     trials = _trials((0.1, 0.05), (0.12, 0.01), (0.15, 0.03))
-    runner = StubRunner(Criterion(target_forget_accuracy=5.0), repeat_loss={1: 10.0})
+    runner = StubRunner(
+        Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0), repeat_loss={1: 10.0}
+    )
     outcome = _search(runner, trials, finalists=2, repeats=2, tie_tolerance=0.0)
     repeats = [c for c in runner.calls if c[0] == "repeat"]
     assert repeats == [("repeat", 1, 4), ("repeat", 1, 4), ("repeat", 2, 4), ("repeat", 2, 4)]  # best two, max_epochs
@@ -164,21 +177,27 @@ def test_finalists_are_confirmed_from_the_original_weights_and_judged_by_their_w
 def test_a_finalist_the_guard_rescues_in_a_repeat_is_infeasible():
     # #0 reaches the target in its first epoch and keeps 99; its repeat is rescued by the guard. #1 never gets there.
     trials = _trials((0.1, 0.01), (0.005, 0.001))
-    runner = StubRunner(Criterion(target_forget_accuracy=5.0), rescued_repeats={0})
+    runner = StubRunner(
+        Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0), rescued_repeats={0}
+    )
     outcome = _search(runner, trials, finalists=1)
     assert trials[0].met and not trials[0].feasible and trials[0].score == pytest.approx(99.0 - GUARD_PENALTY)
     assert outcome.best is trials[1] and not outcome.best.met
 
 
 def test_the_advice_when_no_trial_meets_the_target_names_the_argument_and_the_flag():
-    kwargs = {"task": "class", "n_configs": 16, "max_epochs": 30, "lr_range": (3e-3, 0.3)}
+    tune = TuneSettings(task="class", n_configs=16, max_epochs=30, lr_range=(3e-3, 0.3))
     slow = Trial(index=3, sigma=0.1, lr=0.01, n_perturbations=25, met=False)
-    message = _not_met_message(slow, monitored=False, max_drop=2.0, **kwargs)
+    message = _not_met_message(slow, tune, monitored=False, max_drop=2.0)
     assert "trial 3 came closest" in message
-    for name in ("`max_epochs` (now 30; CLI: --max_epochs)", "`n_configs` (now 16; CLI: --n_configs)", "`lr_range`"):
+    for name in (
+        "`max_epochs` (now 30; CLI: --max_epochs)",
+        "`n_configs` (now 16; CLI: --n_configs)",
+        "`lr_range` (now (0.003, 0.3); CLI: --lr_range)",
+    ):
         assert name in message
     rescued = Trial(index=5, sigma=0.1, lr=0.3, n_perturbations=25, met=True, feasible=False)
-    message = _not_met_message(rescued, monitored=True, max_drop=0.5, **kwargs)
+    message = _not_met_message(rescued, tune, monitored=True, max_drop=0.5)
     assert "more than 0.5 points" in message and "`max_drop` (now 0.5; CLI: --max_drop)" in message
     assert "`n_configs` (now 16; CLI: --n_configs)" in message and "--max_epochs" not in message
 
@@ -186,7 +205,7 @@ def test_the_advice_when_no_trial_meets_the_target_names_the_argument_and_the_fl
 def test_ties_go_to_the_smaller_step():
     # All reach the target in one epoch; scores 99.0 (#0, lr 0.2), 98.5 (#1, lr 0.15), 96.0 (#2, lr 0.1).
     trials = _trials((0.2, 0.01), (0.15, 0.015), (0.1, 0.04))
-    runner = StubRunner(Criterion(target_forget_accuracy=5.0))
+    runner = StubRunner(Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0))
     assert _search(runner, copy.deepcopy(trials), tie_tolerance=1.0).best.index == 1
     assert _search(StubRunner(runner.criterion), copy.deepcopy(trials), tie_tolerance=0.0).best.index == 0
     assert _search(StubRunner(runner.criterion), copy.deepcopy(trials), tie_tolerance=5.0).best.index == 2
@@ -214,7 +233,7 @@ def test_the_budget_ends_the_search_with_the_best_trial_so_far(budget, runs):
     # Each run of the first rung takes one second on the stub's clock; the budget is checked before each run, and the
     # first run always happens.
     trials = _trials((0.01, 0.01), (0.03, 0.02), (0.05, 0.05), (0.02, 0.001))
-    runner = StubRunner(Criterion(target_forget_accuracy=5.0))
+    runner = StubRunner(Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0))
     outcome = _search(runner, trials, budget=budget, started=0.0, finalists=1)
     assert [c[0] for c in runner.calls] == ["advance"] * runs
     assert [t.index for t in trials if t.history] == list(range(runs))
@@ -227,7 +246,11 @@ def test_trial_table_is_complete_and_reproducible():
     def search(seed: int) -> TuneResult:
         trials = sobol_trials(8, (0.02, 1.0), (3e-3, 0.3), [10, 25], seed=seed)
         outcome = run_search(
-            StubRunner(Criterion(target_forget_accuracy=5.0)), trials, reduction_factor=2, max_epochs=4, finalists=2
+            StubRunner(Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0)),
+            trials,
+            reduction_factor=2,
+            max_epochs=4,
+            finalists=2,
         )
         chosen = JiTSettings(**outcome.best.settings(), epochs=4, seed=seed, target_forget_accuracy=5.0)
         return TuneResult(outcome.trials, outcome.best, chosen, "class", "zero-shot", seed, 4, 0.0)
@@ -251,7 +274,9 @@ def test_trial_table_is_complete_and_reproducible():
 # ----------------------------------------------------------------------------------------------------------------------
 def test_criterion_by_hand():
     trial = Trial(index=0, sigma=0.1, lr=0.01, n_perturbations=25)
-    monitored = Criterion(task="class", target_forget_accuracy=5.0, max_drop=0.5, reference=98.0)
+    monitored = Criterion(
+        task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0, max_drop=0.5, reference=98.0
+    )
     clean = {"outcome": "forgotten", "guard_events": 0}
     monitored.record(trial, {"forget_acc": 3.0, "forget_entropy": 0.1, "retain": 97.4}, **clean)
     assert trial.met and not trial.feasible and trial.score == pytest.approx(97.4)  # fell 0.6 > 0.5 points
@@ -264,7 +289,7 @@ def test_criterion_by_hand():
         monitored.record(trial, {"forget_acc": 0.0, "forget_entropy": 0.1, "retain": 97.9}, outcome, guard_events=0)
         assert not trial.feasible and trial.score == pytest.approx(97.9 - GUARD_PENALTY)
     assert [h["forget_acc"] for h in trial.history] == [3.0, 8.0, 0.0, 0.0, 0.0]
-    gap = Criterion(task="random", confidence_tolerance=2.0)
+    gap = Criterion(task="random", target_forget_accuracy=None, confidence_tolerance=2.0)
     measured = {"forget_acc": 90.0, "forget_entropy": 0.1, "retain": 99.0}
     gap.record(trial, {**measured, "gap": -4.5}, outcome="not_forgotten")
     assert not trial.met and trial.score == pytest.approx(99.0 - 2.5)
@@ -274,7 +299,7 @@ def test_criterion_by_hand():
 
 def test_judge_measures_the_forget_set_and_the_probes(trained_cnn, digits):
     forget = _class_loader(digits, 1)
-    judge = Judge(trained_cnn, forget, task="class", probes_per_class=4, seed=5)
+    judge = Judge(trained_cnn, forget, *_declarations(probes_per_class=4, seed=5))
     x, y = judge.probes
     assert sorted(set(y.tolist())) == [c for c in range(10) if c != 1] and x.shape[1:] == (1, 8, 8)
     measured = judge.measure(trained_cnn)
@@ -287,13 +312,13 @@ def test_judge_measures_the_forget_set_and_the_probes(trained_cnn, digits):
     assert measured["forget_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert measured["retain"] == pytest.approx(by_hand, rel=1e-5) == pytest.approx(judge.criterion.reference)
     with pytest.raises(MisconfigurationException, match="every class"):
-        Judge(trained_cnn, DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=256), task="class")
+        Judge(trained_cnn, DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=256), *_declarations())
 
 
 def test_judge_monitored_and_random_measure_held_out_data(trained_cnn, digits):
     kept = ~class_mask(digits.y_test, [1])
     monitor = DataLoader(TensorDataset(digits.x_test[kept], digits.y_test[kept]), batch_size=128)
-    judge = Judge(trained_cnn, _class_loader(digits, 1), monitor=monitor, max_drop=0.5)
+    judge = Judge(trained_cnn, _class_loader(digits, 1), *_declarations(max_drop=0.5), monitor=monitor)
     reference = accuracy(trained_cnn, digits.x_test[kept], digits.y_test[kept])
     assert judge.mode == "monitored" and judge.probes is None
     assert judge.measure(trained_cnn)["retain"] == pytest.approx(reference)
@@ -301,7 +326,7 @@ def test_judge_monitored_and_random_measure_held_out_data(trained_cnn, digits):
 
     forget = DataLoader(TensorDataset(digits.x_train[:64], digits.y_train[:64]), batch_size=32)
     unseen = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=256)
-    judge = Judge(trained_cnn, forget, task="random", unseen=unseen, probes_per_class=2)
+    judge = Judge(trained_cnn, forget, *_declarations(task="random", probes_per_class=2), unseen=unseen)
     with torch.no_grad():
         conf = lambda x: float(torch.softmax(trained_cnn(x), 1).max(1).values.mean() * 100)  # noqa: E731
         gap = conf(digits.x_train[:64]) - conf(digits.x_test)
@@ -328,17 +353,23 @@ def test_a_tiny_search_runs_jit_from_the_original_weights_and_leaves_the_model_a
     # seed, forgets exactly as much: every trial starts from the original weights, and its run is reproducible.
     trial = result.trials[-1]
     model = copy.deepcopy(trained_cnn)
+    # The run is given no target: the one it calibrates for a class task is the search's default target.
     settings = result.jit_settings().replace(
-        **trial.settings(), epochs=int(trial.history[0]["epochs"]), seed=3 + TRIAL_SEED_STRIDE * trial.index
+        **trial.settings(),
+        epochs=int(trial.history[0]["epochs"]),
+        seed=3 + TRIAL_SEED_STRIDE * trial.index,
+        target_forget_accuracy=None,
     )
-    quiet_trainer(max_epochs=settings.epochs).fit(JiTUnlearning(model, settings), forget)
+    unlearner = JiTUnlearning(model, settings)
+    quiet_trainer(max_epochs=settings.epochs).fit(unlearner, forget)
     f = class_mask(digits.y_train, [1])
     assert trial.history[0]["forget_acc"] == pytest.approx(accuracy(model, digits.x_train[f], digits.y_train[f]))
+    assert unlearner.verification.target == result.jit_settings().target_forget_accuracy == CLASS_TARGET
 
     # One source of truth: the JiTSettings defaults plus what was given, as kwargs, a JiTSettings and YAML.
     chosen = result.jit_settings()
     assert chosen == JiTSettings(
-        **result.best.settings(), epochs=2, seed=3, target_forget_accuracy=5.0, probes_per_class=2
+        **result.best.settings(), epochs=2, seed=3, target_forget_accuracy=CLASS_TARGET, probes_per_class=2
     )
     assert JiTSettings(**result.settings()) == chosen
     assert load_settings(result.to_yaml()) == chosen
@@ -384,6 +415,30 @@ def test_random_task_needs_unseen_data_and_measures_the_confidence_gap(trained_c
         assert not trial.met and trial.score == pytest.approx(trial.retain - (original_gap - 0.25), abs=1e-3)
     assert "brought the forget set's confidence down" in result.message
     assert "`max_epochs`" in result.message and "--max_epochs" in result.message
+
+
+def test_every_setting_of_the_search_has_one_declaration():
+    """The search's own settings are ``TuneSettings``; the trials' are ``JiTSettings`` and ``CollapseGuard``. No
+    function of the tuner restates a default of theirs, and ``tune_jit``'s keywords reach the declaration of their
+    name."""
+    declared = {*field_names(TuneSettings), *field_names(JiTSettings), *field_names(CollapseGuard)}
+    for function in (tune_jit, Judge.__init__, Criterion, split_tune_settings):
+        restated = [
+            name
+            for name, parameter in inspect.signature(function).parameters.items()
+            if name in declared and parameter.default not in (inspect.Parameter.empty, None)  # None: not given
+        ]
+        assert restated == [], (function, restated)
+    tune, base, batch_format, guard = split_tune_settings(
+        {"n_configs": 4, "seed": 7, "max_drop": 1.5, "probes_per_class": 3, "confidence_tolerance": 0.5}
+    )
+    assert (tune.n_configs, tune.seed, tune.confidence_tolerance) == (4, 7, 0.5)
+    assert (base.seed, base.epochs, base.probes_per_class) == (7, TuneSettings().max_epochs, 3)
+    assert guard.max_drop == 1.5 and guard.enabled and batch_format == batch_format.__class__()
+    # the forgetting target: the run's class target unless given; a random task has none unless given
+    assert base.target_forget_accuracy == CLASS_TARGET
+    assert split_tune_settings({"task": "random"})[1].target_forget_accuracy is None
+    assert split_tune_settings({"task": "random", "target_forget_accuracy": 7})[1].target_forget_accuracy == 7.0
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ _SELECTORS = ("classes", "indices", "ids_file", "loader")
 
 
 @dataclass
-class ForgetSet:
+class ForgetSelection:
     """Which training samples to forget. Give at most one of ``classes``, ``indices``, ``ids_file`` and ``loader``;
     with none, the datamodule's ``forget_dataloader()`` hook is used.
 
@@ -47,7 +47,7 @@ class ForgetSet:
             ``monitor=``); without it such a request is a usage error.
 
     Example:
-        >>> ForgetSet(classes=[3]).selector()
+        >>> ForgetSelection(classes=[3]).selector()
         'classes'
     """
 
@@ -136,7 +136,9 @@ def read_ids_file(path: str | os.PathLike) -> list[int]:
     return ids
 
 
-def select_forget_loader(datamodule: Any, forget: ForgetSet, batch_format: BatchFormat | None = None) -> DataLoader:
+def select_forget_loader(
+    datamodule: Any, forget: ForgetSelection, batch_format: BatchFormat | None = None
+) -> DataLoader:
     """Build the forget loader that :class:`~lightning_jit.lightning.module.JiTUnlearning` trains on.
 
     ``classes``, ``indices`` and ``ids_file`` select from the datamodule's training set (``train_dataloader().dataset``,
@@ -165,7 +167,7 @@ def select_forget_loader(datamodule: Any, forget: ForgetSet, batch_format: Batch
 
 
 def forget_indices(
-    datamodule: Any, forget: ForgetSet, batch_format: BatchFormat | None = None
+    datamodule: Any, forget: ForgetSelection, batch_format: BatchFormat | None = None
 ) -> tuple[Any, Dataset, list[int]]:
     """Resolve ``classes``, ``indices`` or ``ids_file`` to positions in the datamodule's training set.
 

@@ -17,7 +17,7 @@ import yaml
 from lightning_jit.cli.checkpoints import import_class, load_checkpoint, same_class
 from lightning_jit.cli.diagnose import explain, given_values
 from lightning_jit.cli.errors import JiTUsageError, setting_usage_error
-from lightning_jit.cli.forget import ForgetSet, select_forget_loader
+from lightning_jit.cli.forget import ForgetSelection, select_forget_loader
 from lightning_jit.cli.trainer import unlearn_groups
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTSettingError
@@ -48,7 +48,7 @@ class UnlearnJob:
     config: dict[str, Any]
     model_class: type
     datamodule: pl.LightningDataModule
-    forget: ForgetSet
+    forget: ForgetSelection
     batch_format: BatchFormat
     guard: CollapseGuard
     jit: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,7 @@ where it went, never a silent default.
 from __future__ import annotations
 
 from lightning_jit.cli.errors import JiTUsageError
+from lightning_jit.tune.settings import REMOVED_ARGUMENTS
 
 __all__ = ["MOVED", "REMOVED", "check_key"]
 
@@ -28,7 +29,8 @@ REMOVED: dict[str, str] = {
         "removed in 0.2: delete it (the step is calibrated, or plain SGD when `lr` is given; in Python `optimizer=`"
         " takes any)"
     ),
-    "tune.search": "removed in 0.2: `lightning-jit tune` always runs successive halving; delete it",
+    # `lightning-jit tune`'s flags are `tune_jit`'s arguments: its removed ones are declared with them.
+    **{f"tune.{name}": why for name, why in REMOVED_ARGUMENTS.items()},
 }
 
 

@@ -3,7 +3,7 @@
 The method's signature is the subcommand's interface: LightningCLI builds ``--jit.*``, ``--batch.*``, ``--guard.*``
 and ``--forget.*`` (and their ``--help``) from the typed dataclasses it takes, each declared once
 (:class:`~lightning_jit.core.settings.JiTSettings`, :class:`~lightning_jit.core.batch.BatchFormat`,
-:class:`~lightning_jit.core.guard.CollapseGuard`, :class:`~lightning_jit.cli.forget.ForgetSet`).
+:class:`~lightning_jit.core.guard.CollapseGuard`, :class:`~lightning_jit.cli.forget.ForgetSelection`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_jit.cli.checkpoints import check_output, load_checkpoint, restore_weights
 from lightning_jit.cli.errors import JiTUsageError, setting_usage_error
-from lightning_jit.cli.forget import ForgetSet, select_forget_loader
+from lightning_jit.cli.forget import ForgetSelection, select_forget_loader
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseGuard
@@ -57,7 +57,7 @@ class JiTTrainer(pl.Trainer):
         jit: JiTSettings,
         batch: BatchFormat = BatchFormat(),
         guard: CollapseGuard = CollapseGuard(),
-        forget: ForgetSet,
+        forget: ForgetSelection,
         ckpt_path: str | None = None,
         output: str | None = None,
         overwrite: bool = False,

@@ -43,7 +43,7 @@ def synthesize_class_probes(
     model: nn.Module | Callable[[Tensor], Any],
     classes: Sequence[int],
     like: Tensor,
-    per_class: int = 16,
+    per_class: int,
     steps: int = 60,
     lr: float = 0.1,
     seed: int = 0,

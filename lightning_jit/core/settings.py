@@ -95,8 +95,9 @@ class JiTSettings:
             it would still mostly recognise: one light pass, no class probes) or ``"auto"`` (class when the forget set
             holds at most half of the model's classes).
         target_forget_accuracy: The most forget samples (percent) that may still be recognised for the run to count
-            as forgotten; checked on the whole forget set, with the final weights. ``None``: 2.5 for a class task; a
-            random task then has no target, and its outcome says so.
+            as forgotten; checked on the whole forget set, with the final weights. ``None``: a class task's calibrated
+            target (:data:`~lightning_jit.core.calibration.CLASS_TARGET`); a random task then has no target, and its
+            outcome says so.
         reduction: ``"mean"`` averages the per-sample ratios over samples and perturbations (the step then does not
             depend on the batch size); ``"sum"`` sums over samples, as the reference does (``"sum" == B * "mean"``).
         normalize_logits: Compare unit-normalised outputs, so that JiT cannot lower its objective by inflating the

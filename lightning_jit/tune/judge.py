@@ -27,14 +27,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.errors import JiTSettingError
+from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
+from lightning_jit.core.settings import JiTSettings
 from lightning_jit.evaluation import predict_split, prediction_entropy
 from lightning_jit.tune.result import Mode, Task, Trial
+from lightning_jit.tune.settings import TuneSettings, forgetting_target
 
 #: Outcomes of a run that ended with the weights from before it (the guard rolled it back, or it diverged).
 RESCUED_OUTCOMES = ("rolled_back", "diverged")
 #: Penalty (points) on the score of a trial the guard had to rescue, so that it ranks below every clean one.
 GUARD_PENALTY = 100.0
+#: Seed offset of the judge's probes from the search's seed, so that they are never the probes a run holds in place
+#: with probe distillation (a run seeds its probes with its own seed: the search's seed plus the runner's offsets).
+JUDGE_PROBE_SEED_OFFSET = 104_729
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,10 @@ class Criterion:
     Args:
         task: ``"class"``: met when the forget accuracy is at most ``target_forget_accuracy``; ``"random"``: met when
             the confidence gap is within ``confidence_tolerance`` points of zero.
-        target_forget_accuracy: The forgetting target, in percent (``task="class"``).
+        target_forget_accuracy: The forgetting target, in percent (``task="class"``; see
+            :func:`~lightning_jit.tune.settings.forgetting_target`).
         confidence_tolerance: How close the forget set's confidence must get to the unseen data's, in points
-            (``task="random"``).
+            (``task="random"``; :attr:`TuneSettings.confidence_tolerance <lightning_jit.tune.settings.TuneSettings>`).
         max_drop: Monitored mode: the largest allowed fall of the monitor's accuracy below ``reference``, in points;
             ``None``: zero-shot, no such limit.
         reference: The original model's ``retain`` measurement (monitor accuracy or probe confidence), in percent.
@@ -57,18 +65,22 @@ class Criterion:
     intervened.
 
     Example:
-        >>> criterion = Criterion(task="class", target_forget_accuracy=5.0)
+        >>> criterion = Criterion(task="class", target_forget_accuracy=5.0, confidence_tolerance=2.0)
         >>> trial = Trial(index=0, sigma=0.1, lr=0.03, n_perturbations=25)
         >>> criterion.record(trial, {"forget_acc": 7.0, "forget_entropy": 0.5, "retain": 96.0}, "not_forgotten")
         >>> trial.met, trial.feasible, trial.score
         (False, True, 94.0)
     """
 
-    task: Task = "class"
-    target_forget_accuracy: float = 5.0
-    confidence_tolerance: float = 2.0
+    task: Task
+    target_forget_accuracy: float | None
+    confidence_tolerance: float
     max_drop: float | None = None
     reference: float = math.nan
+
+    def __post_init__(self) -> None:
+        if self.task == "class" and self.target_forget_accuracy is None:
+            raise JiTSettingError("target_forget_accuracy", "is required to judge a class task (a percentage).")
 
     def shortfall(self, trial: Trial) -> float:
         """How far ``trial`` is from the target, in points (0 when met; infinite when unmeasured)."""
@@ -110,13 +122,14 @@ class Judge:
     Args:
         original: The model before unlearning. It is only evaluated (in eval mode, without gradients to its weights).
         forget: The forget loader (labelled batches).
-        task: ``"class"`` or ``"random"``.
+        tune: The search's settings: its ``task``, ``confidence_tolerance`` and ``seed`` (the probes are seeded
+            :data:`JUDGE_PROBE_SEED_OFFSET` after it).
+        base: The JiT settings the trials share: ``probes_per_class`` (zero-shot: probes synthesised per kept class)
+            and the forgetting target (:func:`~lightning_jit.tune.settings.forgetting_target`).
+        guard: The collapse guard's settings: with a ``monitor``, its ``max_drop`` bounds the monitor's fall.
+        batch_format: How the forget batches are read (for the probes' shape and scale) and where the logits are.
         monitor: Monitored mode: a loader of labelled held-out batches; ``None``: zero-shot.
         unseen: For ``task="random"``: labelled data the model never saw.
-        batch_format: How the forget batches are read (for the probes' shape and scale) and where the logits are.
-        probes_per_class: Zero-shot: probes synthesised per kept class.
-        seed: Seed of the probes.
-        target_forget_accuracy, confidence_tolerance, max_drop: As in :class:`Criterion`.
 
     Raises:
         MisconfigurationException: when ``task="class"`` and the forget set holds every class.
@@ -126,17 +139,15 @@ class Judge:
         self,
         original: nn.Module,
         forget: Iterable[Any],
+        tune: TuneSettings,
+        base: JiTSettings,
+        guard: CollapseGuard,
         *,
-        task: Task = "class",
+        batch_format: BatchFormat | None = None,
         monitor: Iterable[Any] | None = None,
         unseen: Iterable[Any] | None = None,
-        batch_format: BatchFormat | None = None,
-        probes_per_class: int = 16,
-        seed: int = 0,
-        target_forget_accuracy: float = 5.0,
-        confidence_tolerance: float = 2.0,
-        max_drop: float = 2.0,
     ) -> None:
+        task = tune.task
         self.forget, self.task, self.monitor, self.unseen = forget, task, monitor, unseen
         self.batch_format = batch_format or BatchFormat()
         self.selector = self.batch_format.output_selector
@@ -159,16 +170,16 @@ class Judge:
                 original,
                 kept,
                 like.to(_device_of(original)),
-                per_class=probes_per_class,
-                seed=seed,
+                per_class=base.probes_per_class,
+                seed=tune.seed + JUDGE_PROBE_SEED_OFFSET,
                 output_selector=self.selector,
             )
             reference = probe_confidence(original, self.probes, self.selector)
         self.criterion = Criterion(
             task=task,
-            target_forget_accuracy=float(target_forget_accuracy),
-            confidence_tolerance=float(confidence_tolerance),
-            max_drop=float(max_drop) if monitor is not None else None,
+            target_forget_accuracy=forgetting_target(task, base),
+            confidence_tolerance=tune.confidence_tolerance,
+            max_drop=guard.max_drop if monitor is not None else None,
             reference=reference,
         )
 
