@@ -285,8 +285,9 @@ class JiTUnlearningCallback(Callback):
         """How the latest run of the hook ended, verified (:class:`~lightning_jit.core.outcome.Outcome`); ``None``
         before. Under a launcher that runs the fit in other processes (``ddp_spawn``), the launching process gets rank
         0's (with its verification and ledger)."""
-        verification = self.verification
-        return verification.outcome if verification is not None else None
+        if self.run is not None:
+            return self.run.outcome
+        return self._from_rank_zero.outcome if self._from_rank_zero is not None else None
 
     @property
     def verification(self) -> Verification | None:

@@ -1,6 +1,6 @@
 """What rank 0 sends back to the launching process when a launcher runs the fit in other processes.
 
-Lightning's ``ddp_spawn``, ``ddp_fork`` and ``ddp_forkserver`` launchers (``_MultiProcessingLauncher``) run
+Lightning's ``ddp_spawn``, ``ddp_fork`` and ``ddp_notebook`` launchers (``_MultiProcessingLauncher``) run
 ``trainer.fit`` in new processes. When they join, the launching process receives rank 0's weights, its
 ``callback_metrics`` and a few Trainer attributes, but not the state of the callbacks it was given: those objects are
 copies in the other processes, and no callback hook runs in the launching process after the fit. A callback whose
