@@ -87,3 +87,21 @@ class FeaturesAndLogitsCNN(DigitsCNN):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)
         return features.flatten(1), self.head(features)
+
+
+class RecordOnRankZero(pl.Callback):
+    """Saves, in rank 0 at ``teardown``, what a ``JiTUnlearningCallback`` of the same Trainer holds (its outcome,
+    verification and ledger) to ``path``: the rank-0 side of a multi-process run, read back by a test in the launching
+    process, independently of how the library sends results there."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def teardown(self, trainer, pl_module, stage):
+        from lightning_jit import JiTUnlearningCallback
+
+        if not trainer.is_global_zero:
+            return
+        (callback,) = [c for c in trainer.callbacks if isinstance(c, JiTUnlearningCallback)]
+        state = {"outcome": callback.outcome, "verification": callback.verification, "ledger": callback.ledger}
+        torch.save({k: v.state_dict() if k == "ledger" else v for k, v in state.items()}, self.path)

@@ -412,6 +412,9 @@ def test_ddp_spawn_ledger_matches_single_process(trained_cnn, digits, tmp_path):
     for key in ("metrics_before", "metrics_after"):  # each process runs its own conv kernels: equal up to rounding
         assert record[key] == pytest.approx(expected[key], rel=1e-5), key
     assert set(ckpt["callbacks"][ddp.state_key]["ledger"]["forgotten"]) == set(single.ledger.forgotten)
+    # The launching process's callback holds rank 0's ledger and outcome (issue 21: it held an empty ledger).
+    assert ddp.ledger.state_dict() == ckpt["callbacks"][ddp.state_key]["ledger"]
+    assert ddp.outcome is single.outcome and ddp.outcome.value == record["outcome"]
     # The two ranks' shards with the scaled loss give the one-process update (up to the all-reduce's rounding).
     unlearned = DigitsCNN.load_from_checkpoint(tmp_path / "two" / "ckpt" / "unlearned.ckpt", strict=True)
     for name, value in _state(unlearned).items():

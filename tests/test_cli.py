@@ -618,3 +618,32 @@ def test_a_sample_request_needs_a_heldout_split_and_is_verified_against_it(ckpt,
     assert record["outcome"] == "forgotten"
     assert record["heldout_test"]["n_forget"] == 300 and record["heldout_test"]["passed"]
     assert record["heldout_test"]["memorised_p"] < record["heldout_test"]["alpha"]  # the test could have failed it
+
+
+def test_a_failed_unlearn_leaves_nothing_on_disk(ckpt, tmp_path, capsys):
+    """With Lightning's default logger and checkpointing on, as a minimal config leaves them: exit 3 (not forgotten)
+    and exit 2 (a sample request without `--forget.heldout`, which the run itself finds) leave no `config.yaml`, no
+    logger files and no checkpoint. Only `--keep_unverified true` keeps the run's files, with the weights it asked
+    for (which shows what the fit writes)."""
+    sample_request = ["--forget.classes=null", f"--forget.indices={list(range(0, 40, 2))}", "--jit.epochs=1"]
+    cases = {
+        "not_forgotten": ([*QUICK, *NOT_ENOUGH], 3),
+        "no_heldout": ([*sample_request, "--trainer.enable_progress_bar=false"], 2),
+    }
+    for name, (args, exit_code) in cases.items():
+        work = tmp_path / name
+        work.mkdir()
+        code = main(_unlearn(ckpt, work / "run", f"--output={work / 'out.ckpt'}", *CHECKPOINTING, *args))
+        err = capsys.readouterr().err
+        assert code == exit_code, (name, err[-2000:])
+        if exit_code == 2:
+            (line,) = _errors(err)
+            assert line.startswith("lightning-jit unlearn: error: --forget.heldout"), line
+        assert sorted(work.rglob("*")) == [], name  # not even the run directory
+
+    work = tmp_path / "kept"
+    args = _unlearn(ckpt, work / "run", f"--output={work / 'out.ckpt'}", "--keep_unverified=true", *CHECKPOINTING)
+    assert main([*args, *QUICK, *NOT_ENOUGH]) == 3
+    written = {p.name for p in work.rglob("*") if p.is_file()}
+    assert {"out.unverified.ckpt", "config.yaml", "hparams.yaml"} <= written and "out.ckpt" not in written
+    assert not [name for name in written if name.endswith(".ckpt") and name != "out.unverified.ckpt"]

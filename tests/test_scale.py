@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
-from _utils import quiet_trainer, release_process_group
+from _utils import RecordOnRankZero, quiet_trainer, release_process_group
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -13,8 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTSettings, JiTUnlearning, JiTUnlearningCallback
 from lightning_jit.core.engine import _take_shard
-from lightning_jit.core.outcome import Verification
+from lightning_jit.core.outcome import Outcome, Verification
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
+from lightning_jit.io import json_safe
 from lightning_jit.lightning.data import forget_loader
 
 MARK = 40.0  # a pixel value no digit has (they are normalised): the model below returns Inf for such samples
@@ -244,7 +252,8 @@ def test_the_no_knob_path_gives_the_same_weights_on_one_and_two_processes(digits
         assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
 
 
-def _callback_run(trained_state, requests, job, devices: int) -> dict[str, Tensor]:
+def _callback_run(trained_state, requests, job, devices: int, rank_zero) -> tuple[dict[str, Tensor], Any, dict]:
+    """The weights after the job, its callback (in the launching process) and what rank 0's callback held."""
     model = DigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
     model.load_state_dict(trained_state)
     callback = JiTUnlearningCallback(requests, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
@@ -253,19 +262,78 @@ def _callback_run(trained_state, requests, job, devices: int) -> dict[str, Tenso
         limit_train_batches=1,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
-        callbacks=[callback, release_process_group()],
+        default_root_dir=rank_zero.parent,  # where the audit file goes
+        callbacks=[callback, RecordOnRankZero(rank_zero), release_process_group()],
     )
     trainer.fit(model, job)
-    return _weights(model)
+    return _weights(model), callback, torch.load(rank_zero, weights_only=False)
+
+
+def _same_record(a: Verification | None, b: Verification | None) -> bool:
+    return a is not None and b is not None and json_safe(a.as_dict()) == json_safe(b.as_dict())
 
 
 @pytest.mark.slow
-def test_the_callbacks_no_knob_run_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state):
+def test_the_callbacks_no_knob_run_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state, tmp_path):
+    """Same weights, and (issue 21) under ``ddp_spawn``, whose fit runs in two new processes, the launching process's
+    callback holds rank 0's outcome, verification and ledger (as rank 0 saved them), which match the one-process
+    run's."""
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
     requests = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
     job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
-    one = _callback_run(_trained_state, requests, job, 1)
-    two = _callback_run(_trained_state, requests, job, 2)
+    one, callback_one, _ = _callback_run(_trained_state, requests, job, 1, tmp_path / "one.pt")
+    two, callback_two, rank0 = _callback_run(_trained_state, requests, job, 2, tmp_path / "two.pt")
     update = _max_diff(one, {k: v for k, v in _trained_state.items()})
     assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
+    # The launching process holds exactly what rank 0 held.
+    assert callback_two.outcome is rank0["outcome"] is Outcome.FORGOTTEN
+    assert _same_record(callback_two.verification, rank0["verification"])
+    assert callback_two.ledger.state_dict() == rank0["ledger"]
+    # And it is the one-process run's result: the same ids forgotten, the same verified figures.
+    assert callback_one.outcome is Outcome.FORGOTTEN
+    assert sorted(callback_two.ledger.forgotten) == sorted(callback_one.ledger.forgotten)
+    assert len(callback_two.ledger) == 96
+    assert len(callback_two.ledger.runs) == len(callback_one.ledger.runs) == 1
+    figures = ("outcome", "n_forget", "forget_accuracy", "target", "measured_against", "passes", "restored")
+    v_one, v_two = callback_one.verification, callback_two.verification
+    assert [getattr(v_two, f) for f in figures] == [getattr(v_one, f) for f in figures]
+    run_one, run_two = callback_one.ledger.runs[0], callback_two.ledger.runs[0]
+    for key in ("ids", "counts", "outcome", "epochs_run", "steps"):
+        assert run_two[key] == run_one[key], key
+    for key in ("metrics_before", "metrics_after"):  # each process runs its own conv kernels: equal up to rounding
+        assert run_two[key] == pytest.approx(run_one[key], rel=1e-5), key
+
+
+DDP_SCRIPT = Path(__file__).parent / "fixtures" / "ddp_launcher_run.py"
+
+
+@pytest.mark.slow
+def test_under_the_ddp_launcher_every_rank_holds_the_one_process_outcome_and_ledger(_trained_state, tmp_path):
+    """Lightning's ``ddp`` launcher re-executes the script for the other ranks and runs rank 0 in the process that was
+    started (so the script runs in a subprocess of the test): after ``trainer.fit`` the wrapper's and the callback's
+    outcome, verification and ledger are the same in both ranks, and the one-process run's."""
+    torch.save(_trained_state, tmp_path / "state.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(DDP_SCRIPT), str(tmp_path / "state.pt"), str(tmp_path / "two"), "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = runpy.run_path(str(DDP_SCRIPT))["run"](tmp_path / "state.pt", tmp_path / "one", 1)
+    figures = ("outcome", "n_forget", "forget_accuracy", "target", "measured_against", "passes", "restored")
+    for front in ("wrapper", "callback"):
+        expected = one[front]
+        assert expected["outcome"] is Outcome.FORGOTTEN, front
+        update = _max_diff(expected["weights"], _trained_state)
+        for rank in ranks:
+            got = rank[front]
+            assert got["outcome"] is Outcome.FORGOTTEN, (front, rank["rank"])
+            assert [getattr(got["verification"], f) for f in figures] == [
+                getattr(expected["verification"], f) for f in figures
+            ], (front, rank["rank"])
+            assert _max_diff(got["weights"], expected["weights"]) <= 1e-5 * update, (front, rank["rank"])
+        assert _same_record(ranks[0][front]["verification"], ranks[1][front]["verification"]), front
+    # Every rank holds rank 0's ledger (its record, times included), with the one-process run's forgotten ids.
+    assert ranks[0]["callback"]["ledger"] == ranks[1]["callback"]["ledger"]
+    assert sorted(ranks[0]["callback"]["ledger"]["forgotten"]) == sorted(one["callback"]["ledger"]["forgotten"])
+    assert len(ranks[0]["callback"]["ledger"]["forgotten"]) == 96

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_jit.cli.checkpoints import check_output, load_checkpoint, restore_weights
 from lightning_jit.cli.errors import JiTUsageError, setting_usage_error
 from lightning_jit.cli.forget import ForgetSelection, select_forget_loader
+from lightning_jit.cli.run_files import RunFiles
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseGuard
@@ -69,6 +70,9 @@ class JiTTrainer(pl.Trainer):
         The input checkpoint is never modified. It is written only when the run's verified outcome is ``forgotten``;
         any other outcome raises :class:`~lightning_jit.core.outcome.JiTUnlearningFailed` (the command line's exit
         code 3) and writes nothing, or with ``keep_unverified`` writes the weights as ``<output>.unverified.ckpt``.
+        A run that fails leaves no file: what the fit wrote before the run had an outcome (``config.yaml``, the
+        loggers' files, checkpoints) is removed (:class:`~lightning_jit.cli.run_files.RunFiles`), unless
+        ``keep_unverified`` wrote the weights, which it then keeps beside them.
 
         Args:
             model: The model (its weights are restored from ``ckpt_path``).
@@ -125,46 +129,60 @@ class JiTTrainer(pl.Trainer):
         wrapper = JiTUnlearning(model, jit, batch_format=batch, guard=guard, monitor=heldout)
         if self.fit_loop.max_epochs is None and self.max_steps == -1:
             self.fit_loop.max_epochs = jit.epochs  # the wrapper stops after `epochs`; avoid Lightning's 1000 default
+        run_files = RunFiles(self)  # what the fit writes besides the result: a run that fails leaves none of it
+        written: list[str] = []  # what this method wrote itself
         try:
-            self.fit(wrapper, train_dataloaders=forget_loader)
-        except BaseException as err:
-            # The command line has no resume: the resume points of an interrupted run are not kept either.
-            wrapper.discard_unverified_checkpoints()
-            if isinstance(err, SystemExit) and self.state.status == TrainerStatus.INTERRUPTED:
-                raise KeyboardInterrupt from None  # Lightning exits 1 after Ctrl+C; say what it was
-            raise
-        if self.state.status != TrainerStatus.FINISHED:
-            raise RuntimeError(f"JiT unlearning did not finish (status: {self.state.status.value}); nothing written.")
+            try:
+                self.fit(wrapper, train_dataloaders=forget_loader)
+            except BaseException as err:
+                # The command line has no resume: the resume points of an interrupted run are not kept either.
+                wrapper.discard_unverified_checkpoints()
+                if isinstance(err, SystemExit) and self.state.status == TrainerStatus.INTERRUPTED:
+                    raise KeyboardInterrupt from None  # Lightning exits 1 after Ctrl+C; say what it was
+                raise
+            if self.state.status != TrainerStatus.FINISHED:
+                raise RuntimeError(
+                    f"JiT unlearning did not finish (status: {self.state.status.value}); nothing written."
+                )
 
-        checkpoint = self._checkpoint_connector.dump_checkpoint(weights_only=True)
-        verification = wrapper.verification
-        checkpoint[UNLEARN_RECORD_KEY] = {
-            "source_checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-            "source_sha256": file_sha256(ckpt_path) if ckpt_path is not None else None,
-            "forget": asdict(forget),
-            "forget_samples": n_forget,
-            "epochs_run": self.current_epoch,
-            "outcome": str(wrapper.outcome) if wrapper.outcome is not None else None,
-            "verification": json_safe(verification.as_dict()) if verification is not None else None,
-            "stopped_early": wrapper.stopped_early,
-            "skipped_steps": wrapper.skipped_steps,
-        }
-        assert verification is not None
-        if verification.outcome is Outcome.UNVERIFIABLE and heldout is None:  # the run made no update
-            raise JiTUsageError(
-                "--forget.heldout",
-                "the forget set names individual samples, which are verified against held-out data the model never"
-                " trained on: name the datamodule method that returns it, e.g. --forget.heldout=val_dataloader.",
-            )
-        succeeded = verification.outcome.succeeded
-        target = output if succeeded else unverified_path(output)
-        if self.is_global_zero and (succeeded or keep_unverified):
-            atomic_torch_save(checkpoint, target, overwrite=overwrite)
-        self.strategy.barrier("jit_unlearn_save")
-        if not succeeded:
-            kept = f" The weights were written to {target} for inspection." if keep_unverified else ""
-            rank_zero_warn(f"JiT: {verification.verdict}; nothing was written as {output}.{kept}")
-            raise JiTUnlearningFailed(verification)
+            checkpoint = self._checkpoint_connector.dump_checkpoint(weights_only=True)
+            verification = wrapper.verification
+            checkpoint[UNLEARN_RECORD_KEY] = {
+                "source_checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+                "source_sha256": file_sha256(ckpt_path) if ckpt_path is not None else None,
+                "forget": asdict(forget),
+                "forget_samples": n_forget,
+                "epochs_run": self.current_epoch,
+                "outcome": str(wrapper.outcome) if wrapper.outcome is not None else None,
+                "verification": json_safe(verification.as_dict()) if verification is not None else None,
+                "stopped_early": wrapper.stopped_early,
+                "skipped_steps": wrapper.skipped_steps,
+            }
+            assert verification is not None
+            if verification.outcome is Outcome.UNVERIFIABLE and heldout is None:  # the run made no update
+                raise JiTUsageError(
+                    "--forget.heldout",
+                    "the forget set names individual samples, which are verified against held-out data the model never"
+                    " trained on: name the datamodule method that returns it, e.g. --forget.heldout=val_dataloader.",
+                )
+            succeeded = verification.outcome.succeeded
+            target = output if succeeded else unverified_path(output)
+            if self.is_global_zero and (succeeded or keep_unverified):
+                atomic_torch_save(checkpoint, target, overwrite=overwrite)
+                written.append(target)
+            self.strategy.barrier("jit_unlearn_save")
+            if not succeeded:
+                kept = f" The weights were written to {target} for inspection." if keep_unverified else ""
+                rank_zero_warn(f"JiT: {verification.verdict}; nothing was written as {output}.{kept}")
+                raise JiTUnlearningFailed(verification)
+        except BaseException:
+            # Nothing of a failed run stays on disk (config.yaml, the loggers' files), unless `keep_unverified` wrote
+            # the weights: then the run's files stay with them, for inspection.
+            if self.is_global_zero and not written:
+                removed = run_files.remove()
+                if removed:
+                    rank_zero_info(f"JiT: removed the files the failed run wrote: {removed}")
+            raise
         rank_zero_info(f"JiT: {verification.verdict}. Wrote the unlearned checkpoint to {output}.")
         return str(output)
 

@@ -10,6 +10,7 @@ checkpoints carry it) and appends one JSON line per run of the hook to an audit 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -36,11 +37,12 @@ from lightning_jit.core.calibration import batch_size_for
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.errors import forward_failure
 from lightning_jit.core.guard import CollapseGuard, check_monitor
-from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome
+from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
 from lightning_jit.core.state import normalization_mode, trainable_parameters
 from lightning_jit.io import file_sha256
 from lightning_jit.lightning.distributed import check_strategy, collectives, gradient_scaler
+from lightning_jit.lightning.launcher import expect_from_rank_zero, send_to_launcher
 from lightning_jit.lightning.ledger import (
     AUDIT_FILENAME,
     DeletionLedger,
@@ -152,9 +154,13 @@ class JiTUnlearningCallback(Callback):
 
     **Distributed.** Under DDP every rank reads the same global forget batches and processes its contiguous share; the
     loss is scaled so that DDP's averaged gradient is the one-process gradient of the global batch. Ranks check that
-    they see the same pending ids, and agree on every step with ``reduce_boolean_decision``. DeepSpeed, FSDP,
-    ModelParallel and XLA strategies are refused at ``setup``. Everything the callback holds pickles (for
-    ``ddp_spawn``, ``forget`` must then be a picklable object: a dataset, loader, or top-level function).
+    they see the same pending ids, and agree on every step with ``reduce_boolean_decision``; every rank records rank
+    0's run record, so all hold the same ledger. Under a launcher that runs the fit in other processes
+    (``ddp_spawn``, ``ddp_fork``), rank 0 sends its ledger and the latest run's verification back with the weights,
+    so ``callback.outcome``, ``callback.verification`` and ``callback.ledger`` read the same in the launching process
+    (:mod:`lightning_jit.lightning.launcher`). DeepSpeed, FSDP, ModelParallel and XLA strategies are refused at
+    ``setup``. Everything the callback holds pickles (for ``ddp_spawn``, ``forget`` must then be a picklable object: a
+    dataset, loader, or top-level function).
 
     **Moments.** ``"fit_start"`` runs in ``on_train_start`` (after a resumed checkpoint is restored, before the first
     training batch); ``"train_epoch_end"`` in every ``on_train_epoch_end`` (before ``ModelCheckpoint`` saves at the end
@@ -270,12 +276,26 @@ class JiTUnlearningCallback(Callback):
         self.run: JiTRun | None = None
         self._log_step = 0
         self._static: _Forget | None = None
+        #: The latest run's verification as rank 0 sent it to a launching process that ran no run itself.
+        self._from_rank_zero: Verification | None = None
+        self.launcher_token = expect_from_rank_zero(self)
 
     @property
     def outcome(self) -> Outcome | None:
         """How the latest run of the hook ended, verified (:class:`~lightning_jit.core.outcome.Outcome`); ``None``
-        before."""
-        return self.run.outcome if self.run is not None else None
+        before. Under a launcher that runs the fit in other processes (``ddp_spawn``), the launching process gets rank
+        0's (with its verification and ledger)."""
+        if self.run is not None:
+            return self.run.outcome
+        return self._from_rank_zero.outcome if self._from_rank_zero is not None else None
+
+    @property
+    def verification(self) -> Verification | None:
+        """What the end-of-run check of the latest run measured (:class:`~lightning_jit.core.outcome.Verification`);
+        ``None`` before any run, and after a hook that found no new id to forget."""
+        if self.run is not None:
+            return self.run.verification
+        return self._from_rank_zero
 
     @property
     def unlearns_at(self) -> str:
@@ -296,6 +316,7 @@ class JiTUnlearningCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        send_to_launcher(trainer, self)  # under ddp_spawn: the launching process gets rank 0's outcome and ledger
         if not trainable_parameters(pl_module):
             raise MisconfigurationException(
                 "The LightningModule has no trainable parameters (all have requires_grad=False), so JiT cannot change"
@@ -333,7 +354,28 @@ class JiTUnlearningCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_static"] = None  # re-resolved in `setup` of each process
+        state["run"] = None  # the model's run engine stays with the model; its verification travels
+        state["_from_rank_zero"] = self.verification
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JiTUnlearningCallback:
+        # A copy is another callback: it receives its own results from rank 0, not those of the original. (A pickled
+        # copy, as a spawning launcher sends it, keeps the token: its results come back to this callback.)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        copied.launcher_token = expect_from_rank_zero(copied)
+        return copied
+
+    def state_for_launcher(self) -> dict[str, Any]:
+        """Rank 0's results, for the launching process (:mod:`lightning_jit.lightning.launcher`)."""
+        return {**self.state_dict(), "verification": self.verification}
+
+    def load_from_rank_zero(self, state: dict[str, Any]) -> None:
+        """Take rank 0's results in the launching process: the ledger and the latest run's verification."""
+        self.load_state_dict(state)
+        self.run = None
+        self._from_rank_zero = state.get("verification")
 
     # ----------------------------------------------------------------------------------------------------------------
     # The forget set and its ids
@@ -527,6 +569,8 @@ class JiTUnlearningCallback(Callback):
         record["versions"] = environment_versions()
         record["audit_path"] = str(self._audit_path(trainer))
         record["counts"]["unverifiable"] = len(unverifiable)
+        if trainer.world_size > 1:  # rank 0's record (its times), so that every rank holds the same ledger
+            record = strategy.broadcast(record, src=0)
         record = self.ledger.add_run(
             record, forgotten=verified, unverifiable=unverifiable, with_heldout=self.monitor is not None
         )
