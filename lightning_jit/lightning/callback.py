@@ -152,8 +152,10 @@ class JiTUnlearningCallback(Callback):
 
     **Distributed.** Under DDP every rank reads the same global forget batches and processes its contiguous share; the
     loss is scaled so that DDP's averaged gradient is the one-process gradient of the global batch. Ranks check that
-    they see the same pending ids, and agree on every step with ``reduce_boolean_decision``. DeepSpeed, FSDP,
-    ModelParallel and XLA strategies are refused at ``setup``. Everything the callback holds pickles (for
+    they see the same pending ids, and agree on every step with ``reduce_boolean_decision``. A module sharded with
+    FSDP2 (``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``, ``fully_shard`` in its
+    ``configure_model``) is supported the same way; DeepSpeed, FSDP1, tensor-parallel and XLA strategies are refused
+    at ``setup``. Everything the callback holds pickles (for
     ``ddp_spawn``, ``forget`` must then be a picklable object: a dataset, loader, or top-level function).
 
     **Moments.** ``"fit_start"`` runs in ``on_train_start`` (after a resumed checkpoint is restored, before the first

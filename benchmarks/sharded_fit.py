@@ -1,15 +1,20 @@
-"""One no-knob JiT run on the digits CNN, for ``tests/test_sharded.py``: one process, or sharded with FSDP2.
+"""One no-knob JiT run on the digits CNN: on one device, or sharded with FSDP2 (``--shard``) over ``--devices``.
 
-``ModelParallelStrategy`` starts its other processes by running this script again (Lightning's subprocess
-launcher), so the sharded run cannot live inside the pytest process. The launching process is rank 0: it writes the
-full weights and the outcome it holds to ``--out``.
+Run by ``tests/test_sharded.py`` (2 CPU processes, gloo) and by the GPU check (every GPU, NCCL).
+``ModelParallelStrategy`` starts its other processes by running this script again (Lightning's subprocess launcher),
+so the sharded run cannot live inside a pytest process. The launching process is rank 0: it writes the full weights
+and the outcome it holds to ``--out``.
 
-    python tests/sharded_fit.py --state trained.pt --out result.pt --devices 2 [--retain] [--front callback]
+Example::
+
+    python benchmarks/sharded_fit.py --state trained.pt --out one.pt
+    python benchmarks/sharded_fit.py --state trained.pt --out two.pt --devices 2 --shard [--retain] [--front callback]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -46,8 +51,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--retain", action="store_true")
     parser.add_argument("--front", choices=("wrapper", "callback"), default="wrapper")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--shard", action="store_true", help="FSDP2 over --devices (even one)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.accelerator == "cpu":
+        torch.set_num_threads(1)
     digits = load_digits_split()
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
@@ -56,16 +64,19 @@ def main() -> None:
     retain = (
         DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10) if args.retain else None
     )
-    sharded = {}
-    if args.devices > 1:  # FSDP2 over every process, as docs/scale.md teaches it
-        sharded = {
-            "devices": args.devices,
-            "accelerator": "cpu",
-            "strategy": ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        }
+    # Lightning's files and the callback's audit file go next to --out.
+    sharded: dict = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "default_root_dir": Path(args.out).parent,
+    }
+    if args.shard:  # FSDP2 over every process, as docs/scale.md teaches it
+        sharded["strategy"] = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    elif args.devices > 1:
+        raise SystemExit("--devices above 1 needs --shard")
     if args.front == "wrapper":
         model = DigitsCNN()
-        model.load_state_dict(torch.load(args.state))
+        model.load_state_dict(torch.load(args.state, map_location="cpu"))
         unlearner = JiTUnlearning(model, seed=0, retain=retain, on_unverified="keep")  # the path the README teaches
         trainer = quiet_trainer(max_epochs=-1, use_distributed_sampler=False, **sharded)
         trainer.fit(unlearner, forget_loader(data))
@@ -73,7 +84,7 @@ def main() -> None:
         summary = {"outcome": str(record.outcome), "n_forget": record.n_forget, "accuracy": record.forget_accuracy}
     else:
         model = ShardedDigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
-        model.load_state_dict(torch.load(args.state))
+        model.load_state_dict(torch.load(args.state, map_location="cpu"))
         callback = JiTUnlearningCallback(data, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
         job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
         trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback], **sharded)
