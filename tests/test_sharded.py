@@ -134,3 +134,15 @@ def test_sharded_checkpoints_that_bypass_the_checkpoint_io_are_refused_at_setup(
         if dist.is_initialized():
             dist.destroy_process_group()
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_sample_requests_projection_refuses_a_sharded_model(one_process_group):
+    """Sample requests build their held-out projection from each sample's full gradient, before any step."""
+    from lightning_jit.core.errors import JiTSettingError
+    from lightning_jit.core.matching import HeldoutProjection
+
+    model = DigitsCNN()
+    shard_model(model, one_process_group)
+    x, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
+    with pytest.raises(JiTSettingError, match="sharded model"):
+        HeldoutProjection.build(model, list(model.parameters()), x, labels, lambda out: out)

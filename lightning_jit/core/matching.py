@@ -129,9 +129,10 @@ class HeldoutProjection:
         """
         if is_sharded(model):
             raise JiTSettingError(
-                "A sample request (a forget set without a class target) is not supported on a sharded model"
-                " (fully_shard / ModelParallelStrategy): its held-out projection needs each sample's full gradient."
-                " Run it with `strategy='ddp'` or on one device, or set `target_forget_accuracy` for a class request."
+                "task",
+                "is a sample request (samples, not a class), which is not supported on a sharded model (fully_shard,"
+                " ModelParallelStrategy): its held-out projection needs each sample's full gradient. Run it with"
+                " `strategy='ddp'` or on one device.",
             )
         size = sum(p.numel() for p in params)
         n = max(1, min(len(x), MAX_BASIS_FLOATS // max(1, size)))
