@@ -67,7 +67,8 @@ class InfOnMarkedBatch(DigitsCNN):
 
 
 def _trainer(accelerator: str, **kwargs: Any) -> pl.Trainer:
-    return quiet_trainer(**{"accelerator": accelerator, "max_epochs": 1, **kwargs})
+    """One device unless ``devices`` is given (on a machine with several GPUs, "auto" would launch DDP)."""
+    return quiet_trainer(**{"accelerator": accelerator, "devices": 1, "max_epochs": 1, **kwargs})
 
 
 def _weights(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -166,9 +167,9 @@ def _sharded_fit(accelerator: str, devices: int, state: Path, out: Path, *flags:
     return torch.load(out, weights_only=False)
 
 
-def check_fsdp2(accelerator: str, out: Path, tiny: bool) -> dict[str, Any]:
+def check_fsdp2(accelerator: str, out: Path) -> dict[str, Any]:
     split = load_digits_split()
-    trained = train_classifier(DigitsCNN, split.x_train, split.y_train, epochs=3 if tiny else 15, seed=0)
+    trained = train_classifier(DigitsCNN, split.x_train, split.y_train, epochs=3, seed=0)  # recognises its classes
     state = out / "sharded_trained.pt"
     torch.save(trained.state_dict(), state)
     devices = _processes(accelerator)
@@ -327,6 +328,17 @@ def run_check(name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], 
 INFORMATIONAL = ("fsdp1_probe",)
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits, inside dicts and lists too."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def render_markdown(summary: dict[str, Any], rows: list[Any], date: str) -> str:
     """A dated section for ``docs/benchmarks.md``: the checks, one line each, then the step benchmark's table."""
     lines = [
@@ -340,7 +352,7 @@ def render_markdown(summary: dict[str, Any], rows: list[Any], date: str) -> str:
     ]
     for name, result in summary["checks"].items():
         verdict = "PASS" if result["ok"] else ("FAIL (informational)" if name in INFORMATIONAL else "**FAIL**")
-        figures = {k: v for k, v in result.items() if k not in ("ok", "traceback")}
+        figures = {k: _rounded(v) for k, v in result.items() if k not in ("ok", "traceback")}
         lines.append(f"| {name} | {verdict} | `{json.dumps(figures, default=str)}` |")
     if rows:
         lines += ["", "JiT step, median seconds per step:", "", format_table(rows)]
@@ -372,6 +384,25 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         lines.append(text)
 
+    def write(checks: dict[str, Any], rows: list[Any]) -> list[str]:
+        """Write what has run so far (after every step: a run stopped by the time limit keeps its figures)."""
+        failed = [k for k, v in checks.items() if not v["ok"] and k not in INFORMATIONAL]
+        summary = {
+            "card": card,
+            "devices": devices,
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "date": datetime.date.today().isoformat(),
+            "checks": checks,
+            "bench": [asdict(r) for r in rows],
+            "ratios": {f"{m}|{b}|{p}": v for (m, b, p), v in ratios(rows).items()} if rows else {},
+            "failed": failed,
+        }
+        (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
+        (args.out / "gpu_check.md").write_text(render_markdown(summary, rows, summary["date"]))
+        (args.out / "gpu_check.log").write_text("\n".join(lines) + "\n")
+        return failed
+
     log(f"# lightning-jit GPU check: {card} x{devices}, torch {torch.__version__}, lightning {pl.__version__}")
     if args.cpu:
         torch.set_num_threads(1)
@@ -381,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             ("bf16_forgets_like_32", lambda: check_bf16(accelerator, args.cpu)),
             ("fp16_scaler_skip", lambda: check_fp16_scaler(accelerator)),
             ("ddp_equals_single", lambda: check_ddp(accelerator)),
-            ("fsdp2_equals_single", lambda: check_fsdp2(accelerator, args.out, args.cpu)),
+            ("fsdp2_equals_single", lambda: check_fsdp2(accelerator, args.out)),
         ]
         if cuda:  # Lightning's FSDPStrategy refuses to run on a CPU
             plan.append(("fsdp1_probe", lambda: check_fsdp(accelerator)))
@@ -390,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, fn in plan:
             checks[name] = run_check(name, fn, log)
+            write(checks, [])
     rows = []
     if not args.skip_bench:
         if cuda:
@@ -412,24 +444,12 @@ def main(argv: list[str] | None = None) -> int:
                 compile_model=compile_model,
                 log=log,
             )
+            write(checks, rows)
         log("\n## JiT step, forget samples per second (median)\n")
         log(format_table(rows))
-    failed = [k for k, v in checks.items() if not v["ok"] and k not in INFORMATIONAL]
-    summary = {
-        "card": card,
-        "devices": devices,
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "date": datetime.date.today().isoformat(),
-        "checks": checks,
-        "bench": [asdict(r) for r in rows],
-        "ratios": {f"{m}|{b}|{p}": v for (m, b, p), v in ratios(rows).items()} if rows else {},
-        "failed": failed,
-    }
-    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
-    (args.out / "gpu_check.md").write_text(render_markdown(summary, rows, summary["date"]))
-    (args.out / "gpu_check.log").write_text("\n".join(lines) + "\n")
+    failed = write(checks, rows)
     log(f"\nwrote {args.out / 'gpu_check.json'}, gpu_check.md and gpu_check.log; failed checks: {failed or 'none'}")
+    write(checks, rows)  # the log's last line too
     return 1 if failed else 0
 
 

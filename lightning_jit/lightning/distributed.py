@@ -44,7 +44,8 @@ SUPPORTED_STRATEGIES = (
 #: What to use instead of a refused sharded strategy.
 _SHARD_INSTEAD = (
     " To shard the model, use `ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)` (FSDP2:"
-    " JiTUnlearning applies `fully_shard` itself); if the model fits on one device, `strategy='ddp'`."
+    " JiTUnlearning applies `fully_shard` itself, a callback's module in its `configure_model`); if the model fits"
+    " on one device, `strategy='ddp'`."
 )
 
 
@@ -116,9 +117,9 @@ def check_strategy_support(strategy: Strategy, who: str = "JiTUnlearning") -> No
         if tensor_parallel > 1:
             raise MisconfigurationException(
                 f"{who} supports `ModelParallelStrategy` as FSDP2 only, but it was given tensor_parallel_size="
-                f"{tensor_parallel} (the default 'auto' is the number of devices on a node). JiT's perturbed passes,"
-                " per-sample ids and verification split the batch across data-parallel processes, which tensor"
-                " parallelism does not have. Pass `ModelParallelStrategy(data_parallel_size=<devices>,"
+                f"{strategy._tensor_parallel_size!r} ('auto' is the number of devices on a node). JiT's perturbed"
+                " passes, per-sample ids and verification split the batch across data-parallel processes, which"
+                " tensor parallelism does not have. Pass `ModelParallelStrategy(data_parallel_size=<devices>,"
                 " tensor_parallel_size=1)`."
             )
         return
