@@ -94,6 +94,11 @@ def main() -> None:
         summary = {"outcome": str(run["outcome"]), "counts": run["counts"], "forgotten": len(callback.ledger)}
     if trainer.global_rank == 0:
         torch.save({"weights": weights, "summary": summary}, args.out)
+    if torch.distributed.is_initialized():
+        # Every rank leaves the process group together: left to each process's exit, one rank's gloo teardown can
+        # race the other's exit and abort it ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
