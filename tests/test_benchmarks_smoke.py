@@ -83,24 +83,37 @@ def test_benchmark_compares_the_same_objective():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMEOUT="280")
+    """Every part of the GPU check, at tiny sizes on the CPU (2 gloo processes for DDP and FSDP2)."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMEOUT="880")
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--out", str(tmp_path)],
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["failed"] == []
-    assert set(summary["checks"]) == {"bf16_forgets_like_32", "fp16_scaler_skip", "ddp_equals_single"}
+    assert set(summary["checks"]) == {
+        "bf16_forgets_like_32",
+        "fp16_scaler_skip",
+        "ddp_equals_single",
+        "fsdp2_equals_single",
+        "no_knob_resnet18",
+        "no_knob_vit_small",
+    }
     assert summary["checks"]["fp16_scaler_skip"]["skipped_and_scale_with_bad_batch"][0] >= 1
+    assert summary["checks"]["ddp_equals_single"]["devices"] == 2
+    assert summary["checks"]["fsdp2_equals_single"]["devices"] == 2
     assert {(r["precision"], r["method"]) for r in summary["bench"]} == {
         (p, m) for p in ("32-true", "bf16-mixed") for m in ("library", "reference", "floor")
     }
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# lightning-jit GPU check: cpu")
+    section = (tmp_path / "gpu_check.md").read_text()
+    assert section.startswith(f"## GPU (measured {summary['date']}, cpu x2)")
+    assert "| fsdp2_equals_single | PASS |" in section
+    assert (tmp_path / "gpu_check.log").read_text().startswith("# lightning-jit GPU check: cpu x2")
 
 
 @pytest.mark.slow

@@ -368,11 +368,13 @@ def test_unsupported_strategies_are_refused_by_name():
     cases = {
         "DeepSpeedStrategy": DeepSpeedStrategy.__new__(DeepSpeedStrategy),
         "FSDPStrategy": FSDPStrategy(),
-        "ModelParallelStrategy": ModelParallelStrategy(),
     }
     for name, strategy in cases.items():
         with pytest.raises(MisconfigurationException, match=f"does not support the {name} strategy"):
             check_strategy(strategy)
+    # ModelParallelStrategy runs as FSDP2 only (tests/test_sharded.py); its tensor parallelism is refused.
+    with pytest.raises(MisconfigurationException, match="ModelParallelStrategy` as FSDP2 only"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
 
     class CustomDeepSpeed(DeepSpeedStrategy):
         pass

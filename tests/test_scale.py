@@ -187,7 +187,7 @@ def test_take_shard_covers_the_batch_once():
 def test_unsupported_strategy_is_refused_by_name():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     loader = DataLoader(TensorDataset(torch.randn(8, 1, 4, 4)), batch_size=4)
-    trainer = quiet_trainer(strategy=ModelParallelStrategy())
+    trainer = quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
         trainer.fit(JiTUnlearning(net, sigma=0.5, lr=0.01), loader)
 

@@ -54,7 +54,7 @@ from lightning_jit.core.matching import (
 from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
-from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty, redistribution_loss
+from lightning_jit.core.penalties import FrozenReference, call_with_state, logit_norm_penalty, redistribution_loss
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.state import (
@@ -1110,7 +1110,7 @@ class JiTRun:
                         logits = fmt.logits(self.model(x), x.shape[0]).float()
                         if labels is None and original is not None:
                             measured_against = "original predictions"
-                            labels = fmt.logits(torch.func.functional_call(self.model, original, (x,))).argmax(1)
+                            labels = fmt.logits(call_with_state(self.model, original, x)).argmax(1)
                     if labels is None:
                         continue
                     labels = labels.to(logits.device)
@@ -1322,7 +1322,7 @@ class JiTRun:
                         if labels is None:
                             if original is None:
                                 raise JiTInputError("The forget batches carry no labels; the held-out test needs them.")
-                            labels = fmt.logits(torch.func.functional_call(self.model, original, (x,))).argmax(1)
+                            labels = fmt.logits(call_with_state(self.model, original, x)).argmax(1)
                 logits = logits.float()
                 labels = labels.to(logits.device).long()
                 losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.errors import JiTSettingError
+from lightning_jit.core.state import is_sharded
+
 #: Held-out samples whose margin gradients span the directions the update must not take.
 MAX_BASIS = 256
 #: The most floats the basis may hold (``directions x parameters``); a larger model gets fewer directions.
@@ -124,6 +127,13 @@ class HeldoutProjection:
             labels: Their labels.
             logits_of: Reads the logits from the model's output.
         """
+        if is_sharded(model):
+            raise JiTSettingError(
+                "task",
+                "is a sample request (samples, not a class), which is not supported on a sharded model (fully_shard,"
+                " ModelParallelStrategy): its held-out projection needs each sample's full gradient. Run it with"
+                " `strategy='ddp'` or on one device.",
+            )
         size = sum(p.numel() for p in params)
         n = max(1, min(len(x), MAX_BASIS_FLOATS // max(1, size)))
         x, labels = x[:n], labels[:n]

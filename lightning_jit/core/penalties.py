@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import OutputSelector, check_logits, select_output
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
 from lightning_jit.core.settings import Reduction
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.state import is_sharded, local_shard, normalization_mode, reshard
 
 
 class FrozenReference:
@@ -21,6 +21,10 @@ class FrozenReference:
     It keeps a copy of ``module``'s parameters and buffers as they are now and evaluates ``module`` with them
     (``torch.func.functional_call``) in eval mode, without autograd, however ``module`` changes later. It holds one
     extra copy of the weights; the module object itself is shared, not copied.
+
+    Under sharding (``fully_shard``, FSDP2) the copy is of this process's shards, and a call loads them into the
+    module in place for its forward and puts the current shards back after it: the sharded module gathers its
+    parameters itself, so ``functional_call`` would evaluate the current weights instead.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -56,11 +60,43 @@ class FrozenReference:
         detached copies: they never receive one). Used to synthesise class probes from the original model.
 
         The copy follows the inputs' device: the first call on another device moves it there once."""
-        first = next(iter(self.state.values()), None)
-        if first is not None and first.device != x.device:
-            self.state = {name: tensor.to(x.device) for name, tensor in self.state.items()}
+        if not is_sharded(self.module):
+            first = next(iter(self.state.values()), None)
+            if first is not None and first.device != x.device:
+                self.state = {name: tensor.to(x.device) for name, tensor in self.state.items()}
         with normalization_mode(self.module, "eval"):
-            return torch.func.functional_call(self.module, self.state, (x,))
+            return call_with_state(self.module, self.state, x)
+
+
+def call_with_state(module: nn.Module, state: dict[str, Tensor], x: Tensor) -> Any:
+    """``module(x)`` evaluated with the parameters and buffers in ``state`` (keyed by name) instead of its own, which
+    are left as they are; autograd is left as it is.
+
+    ``torch.func.functional_call``, except for a sharded module (``fully_shard``, FSDP2), which gathers its
+    parameters itself and would evaluate its current weights: there ``state`` holds this process's shards, and they
+    are loaded in place for the forward and the current ones put back after it.
+
+    Example:
+        >>> net = torch.nn.Linear(1, 1, bias=False)
+        >>> call_with_state(net, {"weight": torch.full((1, 1), 3.0)}, torch.ones(1, 1)).item()
+        3.0
+    """
+    if not is_sharded(module):
+        return torch.func.functional_call(module, state, (x,))
+    named = [*module.named_parameters(), *module.named_buffers()]
+    held = [(local_shard(t), local_shard(state[name])) for name, t in named if name in state]
+    with torch.no_grad():
+        current = [mine.clone() for mine, _ in held]
+        reshard(module)
+        for mine, frozen in held:
+            mine.copy_(frozen)
+    try:
+        return module(x)
+    finally:
+        with torch.no_grad():
+            reshard(module)
+            for (mine, _), now in zip(held, current, strict=True):
+                mine.copy_(now)
 
 
 #: Added to the seed of the logit-norm penalty's noise, so that its noisy copies never repeat the JiT perturbations.

@@ -42,6 +42,7 @@ class WeightSnapshot:
     def restore(self, module: nn.Module) -> None:
         for key, tensor in module.state_dict(keep_vars=True).items():
             tensor.data.copy_(self.state[key])
+        reshard(module)  # a sharded module's next forward gathers the restored shards
 
     def equals(self, module: nn.Module) -> bool:
         """Whether ``module`` holds exactly the snapshot's values (NaN equals NaN in the same place)."""
@@ -94,6 +95,40 @@ def tensors_finite(tensors: list[Tensor]) -> bool:
         return True
     device = sums[0].device
     return bool(torch.stack([v.to(device) for v in sums]).isfinite().all())
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether some parameter of ``module`` is sharded across processes (a ``DTensor``, as PyTorch's
+    ``fully_shard`` (FSDP2) and tensor parallelism leave them): each process then holds only its shard.
+
+    Example:
+        >>> is_sharded(torch.nn.Linear(2, 2))
+        False
+    """
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this process holds: a ``DTensor``'s local shard (its storage, so that an in-place
+    change reaches the parameter), any other tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered copies of ``fully_shard``-ed (FSDP2) submodules, so that their next forward all-gathers the
+    shards as they are now (after an in-place change to them). A no-op for a module that is not sharded."""
+    for sub in module.modules():
+        free = getattr(sub, "reshard", None)
+        if callable(free) and type(sub).__name__.startswith("FSDP"):
+            free()
+
+
+def _is_dtensor(tensor: object) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

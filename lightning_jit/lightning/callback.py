@@ -158,9 +158,11 @@ class JiTUnlearningCallback(Callback):
     0's run record, so all hold the same ledger. Under a launcher that runs the fit in other processes
     (``ddp_spawn``, ``ddp_fork``), rank 0 sends its ledger and the latest run's verification back with the weights,
     so ``callback.outcome``, ``callback.verification`` and ``callback.ledger`` read the same in the launching process
-    (:mod:`lightning_jit.lightning.launcher`). DeepSpeed, FSDP, ModelParallel and XLA strategies are refused at
-    ``setup``. Everything the callback holds pickles (for ``ddp_spawn``, ``forget`` must then be a picklable object: a
-    dataset, loader, or top-level function).
+    (:mod:`lightning_jit.lightning.launcher`). A module sharded with FSDP2
+    (``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``, ``fully_shard`` in its
+    ``configure_model``) is supported the same way; DeepSpeed, FSDP1, tensor-parallel and XLA strategies are refused
+    at ``setup``. Everything the callback holds pickles (for ``ddp_spawn``, ``forget`` must then be a picklable object:
+    a dataset, loader, or top-level function).
 
     **Moments.** ``"fit_start"`` runs in ``on_train_start`` (after a resumed checkpoint is restored, before the first
     training batch); ``"train_epoch_end"`` in every ``on_train_epoch_end`` (before ``ModelCheckpoint`` saves at the end

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -37,7 +38,13 @@ from lightning_jit.lightning.checkpoint import (
     to_wrapped_format,
 )
 from lightning_jit.lightning.data import FirstBatches
-from lightning_jit.lightning.distributed import check_strategy, collectives, gradient_scaler
+from lightning_jit.lightning.distributed import (
+    check_strategy,
+    check_strategy_support,
+    collectives,
+    gradient_scaler,
+    shard_model,
+)
 
 
 class JiTUnlearning(pl.LightningModule):
@@ -237,6 +244,8 @@ class JiTUnlearning(pl.LightningModule):
         # Lightning calls this in every `trainer.fit/validate/...` before it checks the loops: the moment to say
         # whether there is a validation step, so that a fit without a val loader is not warned about one.
         self._validates = self._trainer is None or _val_loader_given(self.trainer)
+        if self._trainer is not None:  # before the strategy sets up its processes' mesh (again in `setup`)
+            check_strategy_support(self.trainer.strategy, type(self).__name__)
         return [_RollbackOnError(), AtomicCheckpoints()]
 
     def setup(self, stage: str) -> None:
@@ -251,6 +260,11 @@ class JiTUnlearning(pl.LightningModule):
         if self._compile_options is not False and not self._compiled:
             options = self._compile_options if isinstance(self._compile_options, dict) else {}
             self._compiled.append(torch.compile(self.model, **options))
+
+    def configure_model(self) -> None:
+        # Under ModelParallelStrategy (FSDP2, checked in `setup`): shard the model, unless the user already did.
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_model(self.model, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         # The run sets the mode it needs for every pass (`norm_policy`); a model that arrives in eval mode (as a

@@ -1,0 +1,105 @@
+"""One no-knob JiT run on the digits CNN: on one device, or sharded with FSDP2 (``--shard``) over ``--devices``.
+
+Run by ``tests/test_sharded.py`` (2 CPU processes, gloo) and by the GPU check (every GPU, NCCL).
+``ModelParallelStrategy`` starts its other processes by running this script again (Lightning's subprocess launcher),
+so the sharded run cannot live inside a pytest process. The launching process is rank 0: it writes the full weights
+and the outcome it holds to ``--out``.
+
+Example::
+
+    python benchmarks/sharded_fit.py --state trained.pt --out one.pt
+    python benchmarks/sharded_fit.py --state trained.pt --out two.pt --devices 2 --shard [--retain] [--front callback]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_jit import JiTUnlearning, JiTUnlearningCallback
+from lightning_jit.demo.data import DigitsCNN, class_mask, load_digits_split
+from lightning_jit.lightning.data import forget_loader
+from lightning_jit.lightning.distributed import shard_model
+from lightning_jit.lightning.trainer import quiet_trainer
+
+
+class ShardedDigitsCNN(DigitsCNN):
+    """A training job's module that shards itself under ``ModelParallelStrategy``, as FSDP2 users write it."""
+
+    def configure_model(self) -> None:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_model(self, self.device_mesh["data_parallel"])
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, gathered whole (a collective: every rank calls it)."""
+    out = {}
+    for name, value in model.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        out[name] = value.detach().cpu().clone()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--retain", action="store_true")
+    parser.add_argument("--front", choices=("wrapper", "callback"), default="wrapper")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--shard", action="store_true", help="FSDP2 over --devices (even one)")
+    args = parser.parse_args()
+    if args.accelerator == "cpu":
+        torch.set_num_threads(1)
+    digits = load_digits_split()
+    mask = class_mask(digits.y_train, [3])
+    ids = torch.nonzero(mask).flatten()[:96]
+    data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
+    kept = torch.nonzero(~mask).flatten()[:20]
+    retain = (
+        DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10) if args.retain else None
+    )
+    # Lightning's files and the callback's audit file go next to --out.
+    sharded: dict = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "default_root_dir": Path(args.out).parent,
+    }
+    if args.shard:  # FSDP2 over every process, as docs/scale.md teaches it
+        sharded["strategy"] = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    elif args.devices > 1:
+        raise SystemExit("--devices above 1 needs --shard")
+    if args.front == "wrapper":
+        model = DigitsCNN()
+        model.load_state_dict(torch.load(args.state, map_location="cpu"))
+        unlearner = JiTUnlearning(model, seed=0, retain=retain, on_unverified="keep")  # the path the README teaches
+        trainer = quiet_trainer(max_epochs=-1, use_distributed_sampler=False, **sharded)
+        trainer.fit(unlearner, forget_loader(data))
+        weights, record = full_weights(model), unlearner.verification
+        summary = {"outcome": str(record.outcome), "n_forget": record.n_forget, "accuracy": record.forget_accuracy}
+    else:
+        model = ShardedDigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
+        model.load_state_dict(torch.load(args.state, map_location="cpu"))
+        callback = JiTUnlearningCallback(data, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
+        job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
+        trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback], **sharded)
+        trainer.fit(model, job)
+        weights = full_weights(model)
+        run = callback.ledger.runs[-1]
+        summary = {"outcome": str(run["outcome"]), "counts": run["counts"], "forgotten": len(callback.ledger)}
+    if trainer.global_rank == 0:
+        torch.save({"weights": weights, "summary": summary}, args.out)
+    if torch.distributed.is_initialized():
+        # Every rank leaves the process group together: left to each process's exit, one rank's gloo teardown can
+        # race the other's exit and abort it ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
