@@ -172,7 +172,9 @@ RECORDED: dict[str, dict] = {
         "forget_accuracy": 98.88888888888889,
         "lr": 0.003,
         "guard_events": 0,
-        "cost": {"calibration": 90, "clean": 5400, "guard": 5649, "heldout": 1305, "penalty": 1800, "verification": 90},
+        # The old engine also read the forget set once more to verify (`"verification": 90`); the held-out test's pass
+        # over it now fills the record.
+        "cost": {"calibration": 90, "clean": 5400, "guard": 5649, "heldout": 1305, "penalty": 1800},
     },
     "guard_rollback": {
         "weights": "a0362f62b5a55fd8",
