@@ -45,7 +45,7 @@ from lightning_jit.core.penalties import FrozenReference
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.run import resume as run_state
 from lightning_jit.core.run.budget import CostBound
-from lightning_jit.core.run.collectives import Collectives, ForwardContext, same, take_shard, within
+from lightning_jit.core.run.collectives import Collectives, ForwardContext, within
 from lightning_jit.core.run.divergence import NONFINITE_PATIENCE, Divergence, divergence_hint
 from lightning_jit.core.run.held import HeldSamples
 from lightning_jit.core.run.loss import LossAssembly
@@ -53,10 +53,10 @@ from lightning_jit.core.run.rollback import Rollback
 from lightning_jit.core.run.sample_request import UNVERIFIABLE_REASON, SampleRequest
 from lightning_jit.core.run.stopping import STOP_WINDOW, ForgetAccuracyWindow, StoppingRule
 from lightning_jit.core.run.survey import Calibration
-from lightning_jit.core.run.update import scaled_step
+from lightning_jit.core.run.update import Update
 from lightning_jit.core.run.verification import RunFigures, Verifier, outcome_of, rolled_back
 from lightning_jit.core.settings import JiTSettings
-from lightning_jit.core.state import WeightSnapshot, gradients_finite, normalization_mode, trainable_parameters
+from lightning_jit.core.state import WeightSnapshot, normalization_mode, trainable_parameters
 from lightning_jit.core.state import weights_finite as _weights_finite
 from lightning_jit.core.step import make_optimizer
 
@@ -147,6 +147,9 @@ class JiTRun:
         self.stopping = StoppingRule()
         self.budget = CostBound(settings.max_cost, cost, watches_monitor=monitor is not None, collectives=coll)
         self.rollback = Rollback(self.guard, fmt, monitor, cost, coll, self.warn)
+        self.update = Update(
+            model, self.params, settings, fmt, cost, self.assembly, self.calibration, self.request, coll
+        )
         # The life cycle's own state.
         self.steps = 0
         self.passes = 0
@@ -338,8 +341,15 @@ class JiTRun:
             if self.rollback.check is not None and not self.rollback.check.begun:
                 self.rollback.watch_probes(self.held.probes)
                 self.rollback.begin(self.model, x, forward_context, self._pre_run)
-            loss, applied, correct, count = self._update(
-                batch, forward, optimizer, backward, epoch, step_optimizer, scaler, forward_context
+            loss, applied, correct, count = self.update(
+                batch,
+                forward=forward,
+                optimizer=optimizer,
+                backward=backward,
+                epoch=epoch,
+                step_optimizer=step_optimizer,
+                scaler=scaler,
+                forward_context=forward_context,
             )
         except (RuntimeError, TypeError) as err:
             self._raise_if_batch_does_not_fit(x, forward_context, err)
@@ -379,62 +389,6 @@ class JiTRun:
             if rolled:
                 report.rolled_back, report.stop = True, stop
         return report
-
-    def _update(
-        self,
-        batch: Any,
-        forward: Callable[[Any], Any],
-        optimizer: Optimizer,
-        backward: Callable[[Tensor], None],
-        epoch: int,
-        step_optimizer: Callable[[], Any] | None,
-        scaler: torch.amp.GradScaler | None,
-        forward_context: ForwardContext,
-    ) -> tuple[Tensor, bool, int | None, int]:
-        """The JiT step: zero the gradients, assemble the loss, back-propagate, keep the gradients of the update
-        scope, calibrate the step size at the first applied step, and step if finite.
-
-        Gradients are zeroed at every step (the reference zeroes them once, so they pile up across batches). A step
-        whose loss or gradients are not finite is never applied.
-        """
-        optimizer.zero_grad(set_to_none=True)
-        step = self.assembly.loss(batch, self.model, forward, epoch=epoch, forward_context=forward_context)
-        loss, clean, x, labels = step.loss, step.clean, step.x, step.labels
-        correct = None
-        if labels is not None:
-            correct = int((clean.detach().argmax(1) == labels.to(clean.device)).sum())
-        if not loss.requires_grad:
-            raise JiTInputError(
-                "The JiT loss has no gradient: the model has no trainable parameter on its output path."
-            )
-        backward(loss)
-        self.calibration.drop_gradients_outside_scope()
-        self.request.project()
-        loss_finite = bool(torch.isfinite(loss))
-        coll = self.collectives
-        agree = coll.all_true if coll.world_size > 1 else same
-
-        def calibrate() -> None:
-            def moved_logits() -> Tensor:
-                mode = normalization_mode(self.model, self.settings.norm_policy)  # as the clean pass it compares to
-                with torch.no_grad(), mode, within(forward_context), self.cost.kind("calibration"):
-                    return self.batch_format.logits(forward(x), x.shape[0])
-
-            matching = self.request.matching is not None
-            self.calibration.calibrate_step(optimizer, moved_logits, clean, int(x.shape[0]), matching, self._device())
-
-        if scaler is not None and scaler.is_enabled():
-            if not self.calibration.step_calibrated and loss_finite and gradients_finite(self.params):
-                calibrate()  # the normalised step is scale-free
-            applied = scaled_step(optimizer, self.params, scaler, step_optimizer, agree(loss_finite))
-        else:
-            applied = bool(agree(loss_finite and gradients_finite(self.params)))
-            if applied:
-                if not self.calibration.step_calibrated:
-                    calibrate()
-                (step_optimizer or optimizer.step)()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), applied, correct, int(x.shape[0])
 
     def _guard_check(
         self, optimizer: Optimizer | None, forward_context: ForwardContext, final: bool
@@ -668,9 +622,6 @@ class JiTRun:
 def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
-
-#: Names earlier releases exported from this module.
-_take_shard = take_shard
 
 __all__ = [
     "NONFINITE_PATIENCE",
