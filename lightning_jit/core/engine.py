@@ -34,15 +34,11 @@ from torch.optim import Optimizer
 
 from lightning_jit.core import matching as sample_matching
 from lightning_jit.core.batch import BatchFormat
-from lightning_jit.core.calibration import ForgetSurvey
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
-from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
-from lightning_jit.core.matching import HeldoutProjection, MarginTargets
+from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.membership import SampleTest
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
-from lightning_jit.core.penalties import FrozenReference
-from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.run import resume as run_state
 from lightning_jit.core.run.budget import CostBound
 from lightning_jit.core.run.collectives import Collectives, ForwardContext, within
@@ -627,16 +623,9 @@ __all__ = [
     "NONFINITE_PATIENCE",
     "STOP_WINDOW",
     "UNVERIFIABLE_REASON",
-    "CollapseCheck",
     "Collectives",
     "ForgetAccuracyWindow",
-    "ForgetSurvey",
-    "FrozenReference",
-    "GuardEvent",
-    "HeldoutProjection",
     "JiTRun",
-    "MarginTargets",
-    "ProbeDistillation",
     "StepReport",
     "divergence_hint",
 ]

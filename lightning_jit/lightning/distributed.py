@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_jit.core.engine import Collectives
+from lightning_jit.core.run.collectives import Collectives
 
 #: Precisions the JiT step is tested under. Others run with a warning.
 SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
