@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTSettings, JiTUnlearning
-from lightning_jit.core.engine import ForgetAccuracyWindow
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.noise import NoiseStream
+from lightning_jit.core.run.stopping import ForgetAccuracyWindow
 from lightning_jit.core.state import WeightSnapshot
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader

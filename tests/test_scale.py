@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTSettings, JiTUnlearning, JiTUnlearningCallback
-from lightning_jit.core.engine import _take_shard
 from lightning_jit.core.outcome import Outcome, Verification
+from lightning_jit.core.run.collectives import take_shard as _take_shard
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.io import json_safe
 from lightning_jit.lightning.data import forget_loader

@@ -87,6 +87,7 @@ class Verification:
         forget_accuracy: Percent of them still recognised (their label, or without labels the original model's
             prediction); ``None`` if nothing was measured.
         forget_confidence: Mean probability the model gives the recognised class, in percent.
+        forget_entropy: Mean entropy (nats) of the model's prediction on the forget samples.
         target: The target (``target_forget_accuracy``) the claim is checked against; ``None`` when none was set.
         measured_against: ``"labels"``, ``"original predictions"`` or ``"last pass"`` (the stopping rule's window,
             when the forget set could not be read again).
@@ -111,6 +112,7 @@ class Verification:
     n_forget: int = 0
     forget_accuracy: float | None = None
     forget_confidence: float | None = None
+    forget_entropy: float | None = None
     target: float | None = None
     measured_against: str = "labels"
     passes: int = 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import batch_size_for
-from lightning_jit.core.engine import JiTRun
+from lightning_jit.core.engine import JiTRun, StepReport
 from lightning_jit.core.errors import forward_failure
 from lightning_jit.core.guard import CollapseGuard, check_monitor
 from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
@@ -626,6 +625,16 @@ class JiTUnlearningCallback(Callback):
         def step_optimizer() -> None:
             strategy.optimizer_step(optimizer, _do_nothing_closure, model=pl_module)
 
+        def on_step(report: StepReport) -> None:
+            loss = strategy.reduce(report.loss, reduce_op="mean") if trainer.world_size > 1 else report.loss
+            metrics = {"jit_loss": float(loss)}
+            if report.forget_accuracy is not None:
+                metrics["jit_forget_acc"] = report.forget_accuracy
+            self._log(trainer, metrics)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                bar.update(1)
+
         automatic = pl_module.automatic_optimization
         # The JiT step is a manual-optimisation step (as in the wrapper): the strategy's backward prepares DDP's
         # reducer, the precision plugin steps through its GradScaler, and the job's gradient clipping is not applied.
@@ -636,33 +645,17 @@ class JiTUnlearningCallback(Callback):
             passes = run.max_passes
             bar = self._progress_bar(trainer, total=passes * len(batches) if passes is not None else None)
             with torch.enable_grad():
-                for epoch in itertools.count():
-                    epochs_run = epoch + 1
-                    stop = False
-                    for batch in batches:
-                        report = run.step(
-                            move_data_to_device(batch, strategy.root_device),
-                            optimizer=optimizer,
-                            backward=pl_module.manual_backward,
-                            epoch=epoch,
-                            step_optimizer=step_optimizer,
-                            scaler=gradient_scaler(trainer),
-                            forward=forward,
-                            forward_context=forward_context,
-                        )
-                        loss = strategy.reduce(report.loss, reduce_op="mean") if trainer.world_size > 1 else report.loss
-                        metrics = {"jit_loss": float(loss)}
-                        if report.forget_accuracy is not None:
-                            metrics["jit_forget_acc"] = report.forget_accuracy
-                        self._log(trainer, metrics)
-                        if bar is not None:
-                            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-                            bar.update(1)
-                        stop = report.stop
-                        if stop:
-                            break
-                    if run.end_pass(epoch) or stop:
-                        break
+                epochs_run = run.run_passes(
+                    batches,
+                    optimizer=optimizer,
+                    backward=pl_module.manual_backward,
+                    prepare=lambda batch: move_data_to_device(batch, strategy.root_device),
+                    on_step=on_step,
+                    step_optimizer=step_optimizer,
+                    scaler=gradient_scaler(trainer),
+                    forward=forward,
+                    forward_context=forward_context,
+                )
             verification = run.finish(optimizer, forward_context, strict=self.strict)
         except BaseException:
             if run.abort():
@@ -675,10 +668,14 @@ class JiTUnlearningCallback(Callback):
             optimizer.zero_grad(set_to_none=True)
             if bar is not None:
                 bar.close()
-        after = self._forget_metrics(trainer, pl_module, forget, indices)
         return {
             "metrics_before": before,
-            "metrics_after": after,
+            # The engine's verification of the final weights (no second measurement).
+            "metrics_after": {
+                "n": verification.n_forget,
+                "forget_accuracy": verification.forget_accuracy,
+                "forget_mean_entropy": verification.forget_entropy,
+            },
             "steps": run.steps,
             "skipped_steps": run.skipped_steps,
             "epochs_run": epochs_run,

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_jit.core.engine import Collectives
+from lightning_jit.core.run.collectives import Collectives
 from lightning_jit.core.state import is_sharded
 
 #: Precisions the JiT step is tested under. Others run with a warning.
