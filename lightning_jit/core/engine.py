@@ -57,6 +57,7 @@ from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verificatio
 from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty, redistribution_loss
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import site_for
 from lightning_jit.core.state import (
     WeightSnapshot,
     gradients_finite,
@@ -243,6 +244,7 @@ class JiTRun:
         self.collectives = collectives if collectives is not None else Collectives()
         self.warn = warn if warn is not None else _warn
         self.params = trainable_parameters(model)
+        self.site = site_for(settings.perturb_at, model)  # where the noise goes: the input, or a module's output
         self.cost = CostCounter()
         self.check: CollapseCheck | None = None
         self.reference: FrozenReference | None = None
@@ -338,7 +340,9 @@ class JiTRun:
         settings = self.settings
         self._pre_run = WeightSnapshot(self.model)
         self.forget = forget
-        self.check = CollapseCheck(self.guard, self.batch_format, self.monitor) if self.guard.enabled else None
+        self.check = (
+            CollapseCheck(self.guard, self.batch_format, self.monitor, self.site) if self.guard.enabled else None
+        )
         device = self._device()
         if settings.seed is not None:
             self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
@@ -387,6 +391,7 @@ class JiTRun:
                 generator=_cpu_generator(settings.seed),
                 shard=self._shard_pair if coll.split == "shard" else None,
                 total=coll.sum if coll.world_size > 1 else None,
+                site=self.site,
             )
         task = found.task if settings.task == "auto" else settings.task
         self.calibrated.update(task=task, n_forget=found.n, classes=found.classes, input_std=found.std)
@@ -414,6 +419,7 @@ class JiTRun:
                     std=found.std,
                     generator=_cpu_generator(settings.seed),
                     output_selector=self.batch_format.output_selector,
+                    site=self.site,
                 )
             self.calibrated["probes"] = int(self.probes.probes.shape[0])
 
@@ -464,6 +470,7 @@ class JiTRun:
         forward = forward if forward is not None else self.model
         fmt = self.batch_format
         x = fmt.forget_input(batch)
+        self.site.admit(x)
         try:
             if self.check is not None and not self.check.begun:
                 self._give_guard_the_probes()
@@ -651,7 +658,9 @@ class JiTRun:
             )
         for name, held in state["held"].items():
             if held is not None:
-                distill = ProbeDistillation(*(t.to(device) for t in held[:3]))
+                distill = ProbeDistillation(
+                    *(t.to(device) for t in held[:3]), site=self.site if name == "probes" else None
+                )
                 distill._offset = int(held[3])
                 distill.labels = held[4].to(device) if len(held) > 4 and held[4] is not None else None
                 setattr(self, name, distill)
@@ -672,7 +681,9 @@ class JiTRun:
         self.window = ForgetAccuracyWindow(int(state["window_size"]))
         self.window._items = [tuple(item) for item in state["window"]]
         self.cost.counts.update(state["cost"])
-        self.check = CollapseCheck(self.guard, self.batch_format, self.monitor) if self.guard.enabled else None
+        self.check = (
+            CollapseCheck(self.guard, self.batch_format, self.monitor, self.site) if self.guard.enabled else None
+        )
         self._give_guard_the_probes()
         if self.check is not None and state["guard"] is not None:
             self.check.load_state_dict(state["guard"], device)
@@ -831,9 +842,10 @@ class JiTRun:
                         clean_logits=clean,
                         normalize_logits=settings.normalize_logits,
                         perturbation=settings.perturbation,
+                        site=self.site,
                     )
-                if settings.unitless_ratio:
-                    loss = loss * (sigma * math.sqrt(x[0].numel()))  # E||xi||: the ratio becomes scale-free
+                if settings.unitless_ratio:  # E||xi||, in the site's space: the ratio becomes scale-free
+                    loss = loss * (sigma * math.sqrt(self.site.dimension(x)))
                 reference_logits, forget_classes = None, self.calibrated.get("classes")
                 if settings.redistribution > 0 and self.task == "class" and forget_classes:
                     assert self.reference is not None
@@ -859,6 +871,7 @@ class JiTRun:
                             seed=seed,
                             epoch=epoch,
                             perturbation=settings.perturbation,
+                            site=self.site,
                         )
                     loss = loss + settings.logit_norm_penalty * penalty
         if distributed:

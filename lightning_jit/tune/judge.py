@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
+from lightning_jit.core.site import PerturbationSite, SiteSpec, site_for
 from lightning_jit.evaluation import predict_split, prediction_entropy
 from lightning_jit.tune.result import Mode, Task, Trial
 
@@ -117,6 +118,8 @@ class Judge:
         probes_per_class: Zero-shot: probes synthesised per kept class.
         seed: Seed of the probes.
         target_forget_accuracy, confidence_tolerance, max_drop: As in :class:`Criterion`.
+        perturb_at: The runs' perturbation site (``JiTSettings.perturb_at``): zero-shot probes are then synthesised
+            in its module's output space (:mod:`lightning_jit.core.site`), as token ids cannot take gradient steps.
 
     Raises:
         MisconfigurationException: when ``task="class"`` and the forget set holds every class.
@@ -136,8 +139,11 @@ class Judge:
         target_forget_accuracy: float = 5.0,
         confidence_tolerance: float = 2.0,
         max_drop: float = 2.0,
+        perturb_at: SiteSpec = None,
     ) -> None:
         self.forget, self.task, self.monitor, self.unseen = forget, task, monitor, unseen
+        self.perturb_at = perturb_at
+        self._carrier: Tensor | None = None
         self.batch_format = batch_format or BatchFormat()
         self.selector = self.batch_format.output_selector
         self.mode: Mode = "monitored" if monitor is not None else "zero-shot"
@@ -154,16 +160,18 @@ class Judge:
                     f"The forget set holds every class ({num_classes}); `task='class'` needs classes to keep."
                     " Use task='random' for a sample of the training data."
                 )
-            like = self.batch_format.forget_input(next(iter(forget)))
+            like = self.batch_format.forget_input(next(iter(forget))).to(_device_of(original))
+            self._carrier = like
             self.probes = synthesize_class_probes(
                 original,
                 kept,
-                like.to(_device_of(original)),
+                like,
                 per_class=probes_per_class,
                 seed=seed,
                 output_selector=self.selector,
+                site=self._site(original),
             )
-            reference = probe_confidence(original, self.probes, self.selector)
+            reference = probe_confidence(original, self.probes, self.selector, self._site(original))
         self.criterion = Criterion(
             task=task,
             target_forget_accuracy=float(target_forget_accuracy),
@@ -185,12 +193,21 @@ class Judge:
         else:
             assert self.probes is not None
             x, y = self.probes
-            out["retain"] = probe_confidence(model, (x.to(_device_of(model)), y), self.selector)
+            out["retain"] = probe_confidence(model, (x.to(_device_of(model)), y), self.selector, self._site(model))
         if self.task == "random":
             assert self.unseen is not None
             unseen_logits, _ = predict_split(model, self.unseen, "unseen", batch_format=self.batch_format)
             out["gap"] = _confidence(logits) - _confidence(unseen_logits)
         return out
+
+    def _site(self, model: nn.Module) -> PerturbationSite | None:
+        """The runs' perturbation site on ``model`` (each trial's model is its own copy), or ``None`` for the input."""
+        if self.perturb_at is None:
+            return None
+        site = site_for(self.perturb_at, model)
+        assert self._carrier is not None
+        site.admit(self._carrier.to(_device_of(model)))
+        return site
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:

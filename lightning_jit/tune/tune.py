@@ -188,6 +188,7 @@ def tune_jit(
         target_forget_accuracy=target_forget_accuracy,
         confidence_tolerance=confidence_tolerance,
         max_drop=max_drop,
+        perturb_at=base.perturb_at,
     )
     runner = JiTTrialRunner(
         original,
