@@ -23,7 +23,7 @@ from lightning_jit.core.checks import boolean, choice, integer, is_number, non_n
 from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.noise import PerturbationSpec, resolve_perturbation
-from lightning_jit.core.site import check_site_spec
+from lightning_jit.core.site import INPUT, check_site_spec
 
 Reduction = Literal["mean", "sum"]
 Task = Literal["auto", "class", "random"]
@@ -198,7 +198,7 @@ class JiTSettings:
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.perturb_at is not None and self.clamp is not None:
+        if self.perturb_at not in (None, INPUT) and self.clamp is not None:
             raise JiTSettingError(
                 "clamp",
                 f"clamps perturbed inputs, but `perturb_at={self.perturb_at!r}` perturbs a module's output: set"
