@@ -12,12 +12,13 @@ import hashlib
 import math
 import platform
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTInputError, JiTSettingError, JiTSettings, JiTUnlearning
+from lightning_jit import JiTInputError, JiTSettingError, JiTSettings, JiTUnlearning, JiTUnlearningCallback
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.guard import CollapseCheck, CollapseGuard
@@ -380,3 +381,47 @@ def test_perturb_at_setting_checks_and_cli_parsing(token_model):
     parser = settings_parser()
     parsed = parser.instantiate(parser.parse_args(["--jit.perturb_at=embedding"]))
     assert parsed.jit.perturb_at == "embedding" and parsed.jit.hparams()["perturb_at"] == "embedding"
+
+
+class TokenClassifier(pl.LightningModule):
+    """The token model as the LightningModule a user trains; its optimizer leaves the weights as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TokenNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_callback_forgets_a_class_of_a_token_model(_token_state, tokens, tmp_path):
+    x_tr, y_tr, x_te, y_te = tokens
+    module = TokenClassifier()
+    module.net.load_state_dict(_token_state)
+    ids = torch.nonzero(y_tr == FORGOTTEN).flatten()
+    callback = JiTUnlearningCallback(
+        TensorDataset(x_tr[ids], y_tr[ids], ids), perturb_at="net.embedding", when="fit_end", epochs=20
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x_tr[:64], y_tr[:64]), batch_size=64))
+    assert callback.ledger.runs[-1]["outcome"] == "forgotten"
+    with torch.no_grad():
+        hit = module(x_te).argmax(1) == y_te
+    assert float(hit[y_te == FORGOTTEN].float().mean()) < 0.1
+    assert _no_hooks(module)

@@ -289,6 +289,8 @@ class CollapseCheck:
         self.halvings, self.checks = int(state["halvings"]), int(state["checks"])
         probes = state["probes"]
         self._probes = (probes[0].to(device), probes[1].to(device)) if probes is not None else None
+        if self._probes is not None:
+            self.site.admit(self._probes[0])  # a module site runs its probes on a forget input
 
     def report(self) -> dict[str, Any]:
         """A JSON-serialisable summary: mode, thresholds, reference and last measurements, and every event."""
