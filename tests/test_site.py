@@ -342,6 +342,21 @@ def test_judge_probes_in_embedding_space(token_model, tokens):
     assert probe_confidence(token_model, probes, site=site) > 50
 
 
+def test_tuner_judge_measures_a_token_model_through_its_site(token_model, tokens):
+    from lightning_jit.tune.judge import Judge
+
+    judge = Judge(token_model, _forget(tokens), probes_per_class=2, perturb_at="embedding")
+    assert judge.probes is not None and judge.probes[0].shape == (18, 64, 16)  # 9 kept classes x 2, in embedding space
+    copy = TokenNet()
+    copy.load_state_dict(token_model.state_dict())
+    before = judge.measure(copy)
+    assert before["retain"] == pytest.approx(judge.criterion.reference)  # a copy on its own site: the same measure
+    with torch.no_grad():
+        copy.head.bias[0] += 50.0  # every probe now goes to class 0
+    assert judge.measure(copy)["retain"] < before["retain"] - 20
+    assert _no_hooks(token_model) and _no_hooks(copy)
+
+
 def test_penalty_with_a_site_sees_the_same_noise_in_model_and_reference(token_model, tokens):
     x = tokens[0][:8]
     frozen = FrozenReference(token_model)
