@@ -184,9 +184,15 @@ def jit_objective(
             if noise is None:
                 shape = torch.Size((batch_size, *like.shape[1:]))
                 noise = NoiseStream(
-                    like, sigma, generator=generator, keys=keys, seed=seed, epoch=epoch, perturbation=perturbation,
+                    like,
+                    sigma,
+                    generator=generator,
+                    keys=keys,
+                    seed=seed,
+                    epoch=epoch,
+                    perturbation=perturbation,
                     shape=shape,
-                )  # fmt: skip
+                )
             parts = []
             for j, start, stop in group:
                 if j not in pending:

@@ -144,9 +144,14 @@ def logit_norm_penalty(
         """One noisy copy per sample, in the site's space; drawn once, so the model and the reference see the same."""
         if not drawn:
             stream = NoiseStream(
-                like, sigma, generator=generator, keys=keys, seed=seed + _PENALTY_SEED_SALT, epoch=epoch,
+                like,
+                sigma,
+                generator=generator,
+                keys=keys,
+                seed=seed + _PENALTY_SEED_SALT,
+                epoch=epoch,
                 perturbation=perturbation,
-            )  # fmt: skip
+            )
             drawn.append(stream.next())
         return drawn[0]
 
