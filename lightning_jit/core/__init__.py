@@ -14,6 +14,7 @@ from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty
 from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import InputSite, ModuleSite, PerturbationSite, site_for
 from lightning_jit.core.state import WeightSnapshot
 
 __all__ = [
@@ -22,11 +23,14 @@ __all__ = [
     "CollapseGuard",
     "CostCounter",
     "FrozenReference",
+    "InputSite",
     "JiTDivergenceError",
     "JiTInputError",
     "JiTRun",
     "JiTSettingError",
     "JiTSettings",
+    "ModuleSite",
+    "PerturbationSite",
     "ProbeDistillation",
     "StepReport",
     "WeightSnapshot",
@@ -36,5 +40,6 @@ __all__ = [
     "reference_cost",
     "register_perturbation",
     "select_output",
+    "site_for",
     "synthesize_class_probes",
 ]

@@ -247,7 +247,8 @@ def check_forget_input(x: Any) -> Tensor:
     """Validate one batch of forget inputs before anything is computed from it.
 
     Raises:
-        JiTInputError: if ``x`` is not a floating-point tensor with a batch dimension, or holds NaN or Inf.
+        JiTInputError: if ``x`` is not a tensor with a batch dimension, or holds NaN or Inf. Integer inputs (token
+            ids) pass: the perturbation site decides whether it can perturb them (:mod:`lightning_jit.core.site`).
 
     Example:
         >>> check_forget_input(torch.zeros(2, 3)).shape
@@ -261,11 +262,6 @@ def check_forget_input(x: Any) -> Tensor:
     if x.dim() < 2 or x.shape[0] == 0:
         raise JiTInputError(
             f"The forget batch input must have shape (batch, ...) with batch >= 1, got {tuple(x.shape)}."
-        )
-    if not torch.is_floating_point(x):
-        raise JiTInputError(
-            f"The forget batch input has dtype {x.dtype}; JiT perturbs inputs with Gaussian noise and needs floating"
-            " point inputs. Convert them (and normalise them as the model expects) in the dataset or `batch_to_input`."
         )
     if not torch.isfinite(x).all():
         raise JiTInputError("The forget batch input contains NaN or Inf; clean the forget set before unlearning.")

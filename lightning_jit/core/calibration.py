@@ -6,7 +6,8 @@ them. From that it derives everything a setting left to ``None``:
 
 * the task (:data:`CLASS_TASK_SHARE`): forgetting whole classes, or a random sample of the training data;
 * ``sigma`` and the penalty's noise, in units of the forget inputs' std (:data:`SIGMA_SCALE`,
-  :data:`PENALTY_SIGMA_SCALE`);
+  :data:`PENALTY_SIGMA_SCALE`), measured where the noise goes (the input, or the output of the module ``perturb_at``
+  names: :mod:`lightning_jit.core.site`);
 * the parameters the update touches (the last ``update_scope`` weight modules, in execution order);
 * the step size, at the first step (:func:`calibrate_step`): the normalised step
   (:class:`~lightning_jit.core.step.NormalizedStep`) is scaled so that it moves the batch's predictions by a fixed
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTInputError, forward_failure
+from lightning_jit.core.site import InputSite, PerturbationSite
 
 #: A run is a class task when the forget set's labels cover at most this share of the model's classes.
 CLASS_TASK_SHARE = 0.5
@@ -60,9 +62,9 @@ class ForgetSurvey:
         n: Forget samples.
         num_classes: The model's output width.
         classes: The classes the forget set holds (its labels, or the original model's predictions without labels).
-        mean: Mean of the forget inputs' elements.
-        std: Std of the forget inputs' elements (1.0 if they are constant).
-        input_dim: Elements per forget input (``d`` in ``E||xi|| = sigma * sqrt(d)``).
+        mean: Mean of the forget inputs' elements, in the perturbation site's space (:mod:`lightning_jit.core.site`).
+        std: Std of the forget inputs' elements in the site's space (1.0 if they are constant).
+        input_dim: Elements per forget input in the site's space (``d`` in ``E||xi|| = sigma * sqrt(d)``).
         weight_modules: The model's :data:`WEIGHT_MODULES`, in the order the forward pass ran them.
         starts: Up to ``reservoir`` forget inputs drawn uniformly (where counterfactual probes start).
     """
@@ -104,6 +106,7 @@ def survey_forget_set(
     generator: torch.Generator | None = None,
     shard: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]] | None = None,
     total: Callable[[Tensor], Tensor] | None = None,
+    site: PerturbationSite | None = None,
 ) -> ForgetSurvey:
     """One no-grad pass over ``forget`` with the original model ``reference``.
 
@@ -118,6 +121,8 @@ def survey_forget_set(
         generator: For the reservoir.
         shard: Takes this process's share of a batch (inputs, labels) for the forward pass.
         total: Sums a tensor over the processes.
+        site: Where the noise goes (:mod:`lightning_jit.core.site`; ``None``: the input): ``mean``, ``std`` and
+            ``input_dim`` are measured in its space (a module site: on its output in the survey's passes).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -132,6 +137,7 @@ def survey_forget_set(
         if module not in order:
             order.append(module)
 
+    site = site if site is not None else InputSite(model)
     handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, WEIGHT_MODULES)]
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # samples, elements, sum, sum of squares
     seen: Tensor | None = None
@@ -141,6 +147,7 @@ def survey_forget_set(
     try:
         for batch in forget:
             x = batch_format.forget_input(batch).to(device)
+            site.admit(x)
             labels = batch_format.labels(batch)
             first = x[:1] if first is None else first
             if reservoir:
@@ -150,7 +157,9 @@ def survey_forget_set(
             if x.shape[0] == 0:
                 continue
             try:
-                logits = batch_format.logits(reference(x), x.shape[0])
+                with site.observe() as take:
+                    logits = batch_format.logits(reference(x), x.shape[0])
+                    space = take(x)
             except (RuntimeError, TypeError) as err:
                 raise forward_failure(model, x, err) from err
             found = labels.to(device).long() if labels is not None else logits.argmax(1)
@@ -164,8 +173,8 @@ def survey_forget_set(
             if seen is None:
                 seen = torch.zeros(logits.shape[1], dtype=torch.float64, device=device)
             seen.index_add_(0, found, torch.ones_like(found, dtype=torch.float64))
-            xf = x.double()
-            stats += torch.stack([xf.new_tensor(x.shape[0]), xf.new_tensor(x.numel()), xf.sum(), xf.pow(2).sum()])
+            xf = space.double()
+            stats += torch.stack([xf.new_tensor(x.shape[0]), xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()])
         if seen is None and first is not None:  # this process's share was empty: the model's width, from one input
             seen = torch.zeros(batch_format.logits(reference(first), 1).shape[1], dtype=torch.float64, device=device)
     finally:

@@ -52,6 +52,7 @@ from lightning_jit.core.run.survey import Calibration
 from lightning_jit.core.run.update import Update
 from lightning_jit.core.run.verification import RunFigures, Verifier, outcome_of, rolled_back
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import site_for
 from lightning_jit.core.state import WeightSnapshot, normalization_mode, trainable_parameters
 from lightning_jit.core.state import weights_finite as _weights_finite
 from lightning_jit.core.step import make_optimizer
@@ -131,18 +132,19 @@ class JiTRun:
         self.collectives = coll = collectives if collectives is not None else Collectives()
         self.warn = warn if warn is not None else _warn
         self.params = trainable_parameters(model)
+        self.site = site = site_for(settings.perturb_at, model)  # where the noise goes: the input or a module's output
         self.cost = cost = CostCounter()
         self.forget: Iterable[Any] | None = None
         # The stages, each owning its state.
-        self.calibration = Calibration(settings, self.params, coll)
-        self.held = HeldSamples(settings, fmt, cost)
+        self.calibration = Calibration(settings, self.params, coll, site)
+        self.held = HeldSamples(settings, fmt, cost, site)
         self.verifier = Verifier(model, fmt, cost, coll, self.params[0] if self.params else None)
         self.request = SampleRequest(monitor, self.verifier, coll)
-        self.assembly = LossAssembly(settings, fmt, cost, self.calibration, self.held, self.request, coll)
+        self.assembly = LossAssembly(settings, fmt, cost, self.calibration, self.held, self.request, coll, site)
         self.divergence = Divergence()
         self.stopping = StoppingRule()
         self.budget = CostBound(settings.max_cost, cost, watches_monitor=monitor is not None, collectives=coll)
-        self.rollback = Rollback(self.guard, fmt, monitor, cost, coll, self.warn)
+        self.rollback = Rollback(self.guard, fmt, monitor, cost, coll, self.warn, site)
         self.update = Update(
             model, self.params, settings, fmt, cost, self.assembly, self.calibration, self.request, coll
         )
@@ -333,6 +335,7 @@ class JiTRun:
             return StepReport(loss=torch.zeros(()), count=0, stop=True)
         forward = forward if forward is not None else self.model
         x = self.batch_format.forget_input(batch)
+        self.site.admit(x)
         try:
             if self.rollback.check is not None and not self.rollback.check.begun:
                 self.rollback.watch_probes(self.held.probes)

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.checks import boolean, choice, in_range, integer, validate
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
+from lightning_jit.core.noise import resolve_perturbation
+from lightning_jit.core.site import InputSite, PerturbationSite
 from lightning_jit.core.state import normalization_mode, weights_finite
 
 OnCollapse = Literal["halve_lr", "stop"]
@@ -44,7 +46,8 @@ class CollapseGuard:
       when the monitor accuracy falls more than ``max_drop`` points below its value before the run, and the guard
       restores the last weights that passed a check;
     * **without a monitor**, from the model and the forget set alone: at the first step the first forget batch is kept
-      as probes, with ``n_noise_probes`` Gaussian inputs of that batch's mean and std. A check fails when the probes'
+      as probes, with ``n_noise_probes`` Gaussian inputs of that batch's mean and std (drawn where the run's noise
+      goes: with ``perturb_at``, in the output space of that module). A check fails when the probes'
       mean logit norm exceeds ``max_logit_growth`` times its value before the run (``"logit_blowup"``), or when at
       least ``single_class_share`` of the noise probes (or of the forget probes) fall into one class where they did
       not before (``"single_class"``), or when the run holds class probes (``probe_distillation``) and the model
@@ -127,10 +130,20 @@ class CollapseCheck:
         guard: The settings.
         batch_format: How to read the forget and monitor batches.
         monitor: Optional held-out loader of labelled batches.
+        site: The run's perturbation site (:mod:`lightning_jit.core.site`; ``None``: the input): the noise probes are
+            drawn in its space, with the mean and std the forget inputs have there.
     """
 
-    def __init__(self, guard: CollapseGuard, batch_format: BatchFormat, monitor: Iterable[Any] | None = None) -> None:
+    def __init__(
+        self,
+        guard: CollapseGuard,
+        batch_format: BatchFormat,
+        monitor: Iterable[Any] | None = None,
+        site: PerturbationSite | None = None,
+    ) -> None:
         self.guard = guard
+        #: Where the noise probes (and the class probes) live: the input, or a module's output space.
+        self.site: PerturbationSite = site if site is not None else InputSite()
         self.batch_format = batch_format
         self.monitor = monitor
         self.events: list[GuardEvent] = []
@@ -154,11 +167,19 @@ class CollapseCheck:
         """
         x = x.detach()
         generator = torch.Generator().manual_seed(self.guard.probe_seed)
-        mean = float(x.float().mean())
-        std = float(x.float().std()) if x.numel() > 1 else 0.0
+        self.site.admit(x)
+        context = forward_context() if forward_context is not None else contextlib.nullcontext()
+        with torch.no_grad(), normalization_mode(model, "eval"), context:
+            space = self.site.space(model, x).detach()
+        mean = float(space.float().mean())
+        std = float(space.float().std()) if space.numel() > 1 else 0.0
         std = std if math.isfinite(std) and std > 0 else 1.0
-        noise = mean + std * torch.randn((self.guard.n_noise_probes, *x.shape[1:]), generator=generator)
-        self._probes = (x.clone(), noise.to(device=x.device, dtype=x.dtype))
+        draw = resolve_perturbation("gaussian")
+        unit = draw(
+            torch.Size((self.guard.n_noise_probes, *space.shape[1:])), generator, torch.device("cpu"), torch.float32
+        )
+        noise = mean + std * unit
+        self._probes = (x.clone(), noise.to(device=space.device, dtype=space.dtype))
         try:
             measures = self.measure(model, forward_context)
         except BaseException:
@@ -186,9 +207,10 @@ class CollapseCheck:
         with normalization_mode(model, "eval"), context:
             logits = [fmt.logits(model(forget_x), forget_x.shape[0]).float()]
             if noise_x.shape[0]:
-                logits.append(fmt.logits(model(noise_x), noise_x.shape[0]).float())
+                logits.append(fmt.logits(self.site.run(model, noise_x), noise_x.shape[0]).float())
             if held is not None:
-                agreement = (fmt.logits(model(held[0]), held[0].shape[0]).argmax(1) == held[1]).float().mean()
+                held_logits = fmt.logits(self.site.run(model, held[0]), held[0].shape[0])
+                agreement = (held_logits.argmax(1) == held[1]).float().mean()
         if not all(bool(t.isfinite().all()) for t in logits):
             out["non_finite"] = 1.0
         out["logit_norm"] = float(torch.cat([t.norm(dim=1) for t in logits]).mean())
@@ -267,6 +289,8 @@ class CollapseCheck:
         self.halvings, self.checks = int(state["halvings"]), int(state["checks"])
         probes = state["probes"]
         self._probes = (probes[0].to(device), probes[1].to(device)) if probes is not None else None
+        if self._probes is not None:
+            self.site.admit(self._probes[0])  # a module site runs its probes on a forget input
 
     def report(self) -> dict[str, Any]:
         """A JSON-serialisable summary: mode, thresholds, reference and last measurements, and every event."""

@@ -90,7 +90,8 @@ def sample_seed(seed: int, key: Any, epoch: int = 0) -> int:
 
 
 class NoiseStream:
-    """Draws the noise ``sigma * xi_j`` of shape ``x.shape``, one perturbation index ``j`` at a time.
+    """Draws the noise ``sigma * xi_j`` of shape ``x.shape`` (or ``shape``: e.g. a module's output for a batch, in
+    the device and dtype of ``x``), one perturbation index ``j`` at a time.
 
     Drawing one perturbation at a time keeps the memory for noise independent of ``N``. Three sources:
 
@@ -116,8 +117,9 @@ class NoiseStream:
         seed: int = 0,
         epoch: int = 0,
         perturbation: PerturbationSpec = "gaussian",
+        shape: torch.Size | None = None,
     ) -> None:
-        self.shape = x.shape
+        self.shape = x.shape if shape is None else torch.Size(shape)
         self.sigma = float(sigma)
         self.device = x.device
         self.dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -125,8 +127,8 @@ class NoiseStream:
         self.generator = generator
         self.sample_generators: list[torch.Generator] | None = None
         if keys is not None:
-            if len(keys) != x.shape[0]:
-                raise JiTInputError(f"`keys` has {len(keys)} entries for a batch of {x.shape[0]} samples.")
+            if len(keys) != self.shape[0]:
+                raise JiTInputError(f"`keys` has {len(keys)} entries for a batch of {self.shape[0]} samples.")
             gen_device = "cuda" if self.device.type == "cuda" else "cpu"
             self.sample_generators = []
             for key in keys:

@@ -13,9 +13,11 @@ sample:
 
 As in the authors' reference implementation, ``f`` is the model output (the logits, unit-normalised with
 ``normalize_logits``), the perturbed outputs are computed without autograd and act as fixed targets, and the
-denominator is the *realised* input change after clamping. Unlike the reference, the ``N`` perturbed copies do not go
-through the model in a Python loop of ``N`` forward passes: they are stacked and sent through in as few batched,
-no-grad passes as ``perturbation_chunk`` allows, and the noise is drawn on the input's device.
+denominator is the *realised* input change after clamping. Where the noise goes is the perturbation site's
+(:mod:`lightning_jit.core.site`): the input by default, or a module's output (``x`` then stands for that output).
+Unlike the reference, the ``N`` perturbed copies do not go through the model in a Python loop of ``N`` forward
+passes: they are stacked and sent through in as few batched, no-grad passes as ``perturbation_chunk`` allows, and the
+noise is drawn on the input's device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lightning_jit.core.checks import choice, integer, positive
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
 from lightning_jit.core.settings import ClampSpec, PerturbationChunk, Reduction
+from lightning_jit.core.site import InputSite, PerturbationSite
 
 #: What ``perturbation_chunk="auto"`` means, measured with ``benchmarks/bench_objective.py`` and
 #: ``benchmarks/gpu_check.sh`` (``docs/results/benchmarks.md``): cache-sized chunks win on a CPU, larger ones on CUDA.
@@ -104,6 +107,7 @@ def jit_objective(
     clean_logits: Tensor | None = None,
     normalize_logits: bool = False,
     perturbation: PerturbationSpec = "gaussian",
+    site: PerturbationSite | None = None,
 ) -> Tensor:
     """The JiT loss: a Monte-Carlo estimate of the local Lipschitz constant of ``model`` around each sample of ``x``.
 
@@ -137,6 +141,9 @@ def jit_objective(
             of a neighbouring class until it swallows the forget samples and many retained ones (the collapse seen in
             practice); the scale-free objective has no such incentive.
         perturbation: The noise distribution (a registered name or a callable, see :mod:`lightning_jit.core.noise`).
+        site: Where the noise goes (:mod:`lightning_jit.core.site`): ``None``, the input (then ``x`` must be floating
+            point); a :class:`~lightning_jit.core.site.ModuleSite` adds it to a module's output, and the denominator
+            is then the noise's norm in that module's space (``sigma`` is in its units, and ``clamp`` must be None).
 
     Returns:
         A scalar tensor (float32).
@@ -153,6 +160,8 @@ def jit_objective(
     _check_call(reduction, sigma, n_perturbations, perturbation_chunk)
     perturbation_chunk = resolve_perturbation_chunk(perturbation_chunk, x.device)
     check_forget_input(x)
+    site = site if site is not None else InputSite(model if isinstance(model, nn.Module) else None)
+    site.admit(x)
     batch_size = x.shape[0]
     n = int(n_perturbations)
     chunk = n * batch_size if perturbation_chunk is None else int(perturbation_chunk)
@@ -162,31 +171,46 @@ def jit_objective(
         clean_logits = select_output(model(x), output_selector)
     clean = output_geometry(check_logits(clean_logits, batch_size), normalize_logits)
 
-    noise = NoiseStream(x, sigma, generator=generator, keys=keys, seed=seed, epoch=epoch, perturbation=perturbation)
+    noise: NoiseStream | None = None
     pending: dict[int, Tensor] = {}  # noise of the perturbation indices the current chunk touches
     total = clean.new_zeros((), dtype=torch.float32)
     for group in _chunks(n, batch_size, chunk):
-        x_parts, noise_parts = [], []
-        for j, start, stop in group:
-            if j not in pending:
-                pending.clear()
-                pending[j] = noise.next()
-            whole = start == 0 and stop == batch_size
-            x_parts.append(x if whole else x[start:stop])
-            noise_parts.append(pending[j] if whole else pending[j][start:stop])
-        # The whole chunk at once (elementwise, so the same values as part by part): few ops per chunk, not per part.
+        x_parts = [x if start == 0 and stop == batch_size else x[start:stop] for _, start, stop in group]
         x_rows = x_parts[0] if len(x_parts) == 1 else torch.cat(x_parts)
-        perturbed = x_rows + (noise_parts[0] if len(noise_parts) == 1 else torch.cat(noise_parts)).to(x.dtype)
-        if bounds is not None:
-            perturbed = perturbed.clamp(bounds[0], bounds[1])
-        denominator = (perturbed.float() - x_rows.float()).flatten(1).norm(dim=1)
-        with torch.no_grad():
-            perturbed_out = select_output(model(perturbed), output_selector)
-        perturbed_out = check_logits(perturbed_out, perturbed.shape[0]).detach()
+
+        def rows_noise(like: Tensor, group: list[tuple[int, int, int]] = group) -> Tensor:
+            """The chunk's noise, shaped like its rows in the site's space (drawn when the site asks for it)."""
+            nonlocal noise
+            if noise is None:
+                shape = torch.Size((batch_size, *like.shape[1:]))
+                noise = NoiseStream(
+                    like,
+                    sigma,
+                    generator=generator,
+                    keys=keys,
+                    seed=seed,
+                    epoch=epoch,
+                    perturbation=perturbation,
+                    shape=shape,
+                )
+            parts = []
+            for j, start, stop in group:
+                if j not in pending:
+                    pending.clear()
+                    pending[j] = noise.next()
+                whole = start == 0 and stop == batch_size
+                parts.append(pending[j] if whole else pending[j][start:stop])
+            # The whole chunk at once (elementwise, so the same values as part by part): few ops per chunk.
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        with torch.no_grad(), site.perturbing(x_rows, rows_noise, bounds=bounds) as p:
+            perturbed_out = select_output(model(p.inputs), output_selector)
+        denominator = p.change()
+        perturbed_out = check_logits(perturbed_out, x_rows.shape[0]).detach()
         perturbed_out = output_geometry(perturbed_out, normalize_logits)
         # A chunk is a contiguous run of the (perturbation, sample) rows: row r is sample r mod B.
         first = group[0][0] * batch_size + group[0][1]
-        index = torch.arange(first, first + perturbed.shape[0], device=x.device) % batch_size
+        index = torch.arange(first, first + x_rows.shape[0], device=x.device) % batch_size
         numerator = (clean[index] - perturbed_out).norm(dim=1)
         # A perturbation that clamping undid entirely has no defined ratio: it contributes nothing.
         ratio = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny), 0.0)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import OutputSelector, check_logits, select_output
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
 from lightning_jit.core.settings import Reduction
+from lightning_jit.core.site import InputSite, PerturbationSite
 from lightning_jit.core.state import is_sharded, local_shard, normalization_mode, reshard
 
 
@@ -118,6 +119,7 @@ def logit_norm_penalty(
     seed: int = 0,
     epoch: int = 0,
     perturbation: PerturbationSpec = "gaussian",
+    site: PerturbationSite | None = None,
 ) -> Tensor:
     """How far the model's logits have grown beyond the original model's, around the forget samples.
 
@@ -151,6 +153,8 @@ def logit_norm_penalty(
         seed: Seed combined with ``keys``.
         epoch: Epoch combined with ``keys``.
         perturbation: The noise distribution of the noisy copies.
+        site: Where the noisy copies' noise goes (:mod:`lightning_jit.core.site`; ``None``: the input). ``sigma`` is
+            in that space's units.
 
     Example:
         >>> net = torch.nn.Linear(4, 3)
@@ -169,17 +173,34 @@ def logit_norm_penalty(
     batch_size = x.shape[0]
     if clean_logits is None:
         clean_logits = select_output(model(x), output_selector)
-    noise = NoiseStream(
-        x, sigma, generator=generator, keys=keys, seed=seed + _PENALTY_SEED_SALT, epoch=epoch, perturbation=perturbation
-    ).next()
-    noisy = x + noise.to(x.dtype)
-    noisy_logits = select_output(model(noisy), output_selector)
+    site = site if site is not None else InputSite(model if isinstance(model, nn.Module) else None)
+    drawn: list[Tensor] = []
+
+    def noise(like: Tensor) -> Tensor:
+        """One noisy copy per sample, in the site's space; drawn once, so the model and the reference see the same."""
+        if not drawn:
+            stream = NoiseStream(
+                like,
+                sigma,
+                generator=generator,
+                keys=keys,
+                seed=seed + _PENALTY_SEED_SALT,
+                epoch=epoch,
+                perturbation=perturbation,
+            )
+            drawn.append(stream.next())
+        return drawn[0]
+
+    with site.perturbing(x, noise) as noisy:
+        noisy_logits = select_output(model(noisy.inputs), output_selector)
     out = torch.cat([check_logits(clean_logits, batch_size), check_logits(noisy_logits, batch_size)]).float()
     with torch.no_grad():
         if reference_logits is None:
-            ref = select_output(reference(torch.cat([x, noisy])), output_selector)
+            with site.perturbing(x, noise, clean_first=True) as both:
+                ref = select_output(reference(both.inputs), output_selector)
         else:
-            ref = torch.cat([reference_logits, select_output(reference(noisy), output_selector)])
+            with site.perturbing(x, noise) as noisy:
+                ref = torch.cat([reference_logits, select_output(reference(noisy.inputs), output_selector)])
         ref = check_logits(ref, 2 * batch_size).float()
     growth = out.norm(dim=1) / ref.norm(dim=1).clamp_min(1.0) - 1.0
     per_sample = growth.clamp_min(0.0).pow(2).view(2, batch_size).mean(dim=0)

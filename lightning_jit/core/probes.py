@@ -7,6 +7,9 @@ from noise shaped like the forget inputs, until the *original* model classifies 
 (:func:`probe_confidence`) tracks the accuracy on real retained data (measured in ``docs/results/tune.md``);
 :func:`~lightning_jit.tune.tune_jit` ranks its trials with it.
 
+With a perturbation site (``JiTSettings.perturb_at``, :mod:`lightning_jit.core.site`) the probes live in the site's
+space (a token model's embedding output), not among the inputs: token ids cannot take gradient steps.
+
 The same probes also *protect* the kept classes during unlearning: :class:`ProbeDistillation` holds the model's
 predictions on them at the original's (``JiTSettings.probe_distillation``).
 """
@@ -23,17 +26,25 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import OutputSelector, select_output
 from lightning_jit.core.errors import MisconfigurationException
+from lightning_jit.core.site import PerturbationSite
 
 
 @torch.no_grad()
-def probe_confidence(model: nn.Module, probes: tuple[Tensor, Tensor], output_selector: OutputSelector = None) -> float:
+def probe_confidence(
+    model: nn.Module,
+    probes: tuple[Tensor, Tensor],
+    output_selector: OutputSelector = None,
+    site: PerturbationSite | None = None,
+) -> float:
     """The mean probability (percent) that ``model``, in eval mode, gives each probe of ``probes = (x, y)`` for its
-    class ``y``. Unlike the probes' accuracy it does not saturate: it falls as soon as the kept classes are damaged."""
+    class ``y``. Unlike the probes' accuracy it does not saturate: it falls as soon as the kept classes are damaged.
+    Probes synthesised in a perturbation site's space (``site``, as :func:`synthesize_class_probes` made them) are
+    evaluated from that space."""
     x, y = probes
     was_training = model.training
     model.eval()
     try:
-        logits = select_output(model(x), output_selector).float()
+        logits = select_output(_run(site, model, x), output_selector).float()
     finally:
         model.train(was_training)
     return float(torch.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).mean() * 100.0)
@@ -50,6 +61,7 @@ def synthesize_class_probes(
     output_selector: OutputSelector = None,
     *,
     scale: tuple[float, float] | None = None,
+    site: PerturbationSite | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Synthesise ``per_class`` inputs for each class in ``classes`` that ``model`` classifies as that class.
 
@@ -70,6 +82,9 @@ def synthesize_class_probes(
         output_selector: How to find the logits in the model's output (as in
             :func:`~lightning_jit.core.batch.select_output`).
         scale: ``(mean, std)`` to use instead of ``like``'s (e.g. pooled over several processes' batches).
+        site: Where the probes live (:mod:`lightning_jit.core.site`): ``None``, the input; a module site (e.g. a
+            token model's embedding, ``site_for("embedding", model)``) synthesises them in its module's output space,
+            from ``like``'s values there, and :func:`probe_confidence` must then be given the same site.
 
     Returns:
         ``(x, y)``: ``len(classes) * per_class`` probes and their classes.
@@ -87,6 +102,16 @@ def synthesize_class_probes(
     if per_class < 1 or steps < 0:
         raise MisconfigurationException(f"`per_class` must be >= 1 and `steps` >= 0, got {per_class} and {steps}.")
     like = like.detach()
+    if site is not None:
+        with torch.no_grad():
+            was = model.training if isinstance(model, nn.Module) else False
+            if isinstance(model, nn.Module):
+                model.eval()
+            try:
+                like = site.space(model, like).detach()
+            finally:
+                if isinstance(model, nn.Module):
+                    model.train(was)
     if scale is None:
         mean, std = float(like.float().mean()), float(like.float().std())
     else:
@@ -104,7 +129,7 @@ def synthesize_class_probes(
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                logits = select_output(model(x), output_selector)
+                logits = select_output(_run(site, model, x), output_selector)
                 loss = F.cross_entropy(logits.float(), y) + 1e-3 * ((x - mean) / std).pow(2).mean()
                 (grad,) = torch.autograd.grad(loss, [x])
                 x.grad = grad
@@ -205,6 +230,8 @@ class ProbeDistillation:
         classes: Each probe's class.
         targets: The original model's log-probabilities on the probes.
         per_step: Probes per step, as a share of the forget batch.
+        site: The perturbation site whose space the probes are points of (:mod:`lightning_jit.core.site`);
+            ``None``: they are inputs.
 
     Example:
         >>> net = torch.nn.Linear(4, 3)
@@ -216,8 +243,17 @@ class ProbeDistillation:
         2
     """
 
-    def __init__(self, probes: Tensor, classes: Tensor, targets: Tensor, per_step: float = PROBES_PER_STEP) -> None:
+    def __init__(
+        self,
+        probes: Tensor,
+        classes: Tensor,
+        targets: Tensor,
+        per_step: float = PROBES_PER_STEP,
+        site: PerturbationSite | None = None,
+    ) -> None:
         self.probes = probes
+        #: Where the probes live (``None``: they are inputs).
+        self.site = site
         self.classes = classes
         self.targets = targets
         self.per_step = float(per_step)
@@ -238,10 +274,12 @@ class ProbeDistillation:
         std: float,
         generator: torch.Generator | None = None,
         output_selector: OutputSelector = None,
+        site: PerturbationSite | None = None,
     ) -> ProbeDistillation:
         """Synthesise the probes of ``classes`` from the forget inputs ``starts`` and the original model
         ``reference`` (a :class:`~lightning_jit.core.penalties.FrozenReference`), at most :data:`MAX_PROBES` in all,
-        :data:`SYNTHESIS_CHUNK` at a time.
+        :data:`SYNTHESIS_CHUNK` at a time. With a module ``site`` the probes live in its module's output space: they
+        start where the forget inputs reach it, and ``std`` is in its units.
 
         Raises:
             MisconfigurationException: when there is no class to hold.
@@ -250,10 +288,19 @@ class ProbeDistillation:
             raise MisconfigurationException("No class to hold: the forget set holds every class of the model.")
         per_class = max(1, min(int(per_class), MAX_PROBES // len(classes)))
         chunk = max(1, SYNTHESIS_CHUNK // per_class)
+        differentiable = reference.differentiable
+        if site is not None:
+            starts = torch.cat(
+                [site.space(reference, starts[i : i + SYNTHESIS_CHUNK]) for i in range(0, len(starts), SYNTHESIS_CHUNK)]
+            )
+
+            def differentiable(z: Tensor) -> Any:
+                return site.run(reference.differentiable, z)
+
         probes, labels = [], []
         for start in range(0, len(classes), chunk):
             x, y = counterfactual_probes(
-                reference.differentiable,
+                differentiable,
                 starts,
                 classes[start : start + chunk],
                 per_class,
@@ -266,11 +313,13 @@ class ProbeDistillation:
         x, y = torch.cat(probes), torch.cat(labels)
         targets = torch.cat(
             [
-                torch.log_softmax(select_output(reference(x[i : i + SYNTHESIS_CHUNK]), output_selector).float(), dim=1)
+                torch.log_softmax(
+                    select_output(_run(site, reference, x[i : i + SYNTHESIS_CHUNK]), output_selector).float(), dim=1
+                )
                 for i in range(0, x.shape[0], SYNTHESIS_CHUNK)
             ]
         )
-        return cls(x, y, targets)
+        return cls(x, y, targets, site=site)
 
     @classmethod
     @torch.no_grad()
@@ -357,5 +406,10 @@ class ProbeDistillation:
         take = (torch.arange(k, device=self.probes.device) + self._offset) % n
         self._offset = (self._offset + k) % n
         self.taken = k
-        logits = select_output(model(self.probes[take]), output_selector).float()
+        logits = select_output(_run(self.site, model, self.probes[take]), output_selector).float()
         return F.kl_div(torch.log_softmax(logits, dim=1), self.targets[take], log_target=True, reduction="batchmean")
+
+
+def _run(site: PerturbationSite | None, model: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``model`` on ``x``, or from ``x`` in ``site``'s space."""
+    return model(x) if site is None else site.run(model, x)

@@ -23,6 +23,7 @@ from lightning_jit.core.checks import boolean, choice, integer, is_number, non_n
 from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.noise import PerturbationSpec, resolve_perturbation
+from lightning_jit.core.site import INPUT, check_site_spec
 
 Reduction = Literal["mean", "sum"]
 Task = Literal["auto", "class", "random"]
@@ -129,6 +130,12 @@ class JiTSettings:
             :func:`~lightning_jit.core.noise.register_perturbation` (``"gaussian"``, the paper's) or a callable.
         perturbation_chunk: Most perturbed samples per no-grad forward pass (bounds peak memory independently of
             ``N``); ``"auto"``: by device; ``None``: all at once.
+        perturb_at: Where the noise goes (:mod:`lightning_jit.core.site`). ``None`` (or ``"input"``, explicitly):
+            the input (the paper's JiT; it needs floating-point inputs). A module's dotted name in the model
+            (``"embedding"``, ``"encoder.embeddings"``) or a callable ``fn(model) -> module``: the noise is added to
+            that module's output through a forward hook, as for models over token ids. ``sigma``,
+            ``logit_norm_sigma``, the unitless ratio's dimension and the class probes are then in that output's space,
+            and ``clamp`` must be None.
         seed: Seed of the noise and of the probes. With per-sample ids in the batches (``(x, y, id)`` or
             ``{"id": ...}``) each sample's noise is keyed by ``(seed, id, epoch)``, so it does not depend on the batch
             or the process; without ids a generator seeded with ``seed`` is used. ``None``: the global RNG.
@@ -183,6 +190,7 @@ class JiTSettings:
     )
     perturbation: PerturbationSpec = field(default="gaussian", metadata={"check": _perturbation})
     perturbation_chunk: PerturbationChunk = field(default="auto", metadata={"check": _chunk})
+    perturb_at: str | Callable[[Any], Any] | None = field(default=None, metadata={"check": check_site_spec})
     seed: int | None = field(default=0, metadata={"check": _seed})
     on_unverified: OnUnverified = field(
         default="restore",
@@ -191,6 +199,12 @@ class JiTSettings:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.perturb_at not in (None, INPUT) and self.clamp is not None:
+            raise JiTSettingError(
+                "clamp",
+                f"clamps perturbed inputs, but `perturb_at={self.perturb_at!r}` perturbs a module's output: set"
+                " `clamp=None` (or `perturb_at=None`).",
+            )
 
     # -- presets ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -233,8 +247,9 @@ class JiTSettings:
     def hparams(self) -> dict[str, Any]:
         """The serialisable fields (a callable perturbation is named), for logs, checkpoints and audit records."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if callable(out["perturbation"]):
-            out["perturbation"] = getattr(out["perturbation"], "__qualname__", repr(out["perturbation"]))
+        for name in ("perturbation", "perturb_at"):
+            if callable(out[name]):
+                out[name] = getattr(out[name], "__qualname__", repr(out[name]))
         if isinstance(out["clamp"], tuple):
             out["clamp"] = list(out["clamp"])
         return out
@@ -354,6 +369,8 @@ def dump_settings(settings: JiTSettings, group: str = "jit") -> str:
     """
     if callable(settings.perturbation):
         raise JiTSettingError("perturbation", "is a callable: register it with a name to write it to YAML.")
+    if callable(settings.perturb_at):
+        raise JiTSettingError("perturb_at", "is a callable: name the module by its dotted name to write it to YAML.")
     parser = settings_parser(group)
     return parser.dump(parser.parse_object({group: settings.hparams()}), skip_none=False)
 

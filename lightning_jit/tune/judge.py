@@ -31,6 +31,7 @@ from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import PerturbationSite, site_for
 from lightning_jit.evaluation import predict_split, prediction_entropy
 from lightning_jit.tune.result import Mode, Task, Trial
 from lightning_jit.tune.settings import TuneSettings, forgetting_target
@@ -124,8 +125,10 @@ class Judge:
         forget: The forget loader (labelled batches).
         tune: The search's settings: its ``task``, ``confidence_tolerance`` and ``seed`` (the probes are seeded
             :data:`JUDGE_PROBE_SEED_OFFSET` after it).
-        base: The JiT settings the trials share: ``probes_per_class`` (zero-shot: probes synthesised per kept class)
-            and the forgetting target (:func:`~lightning_jit.tune.settings.forgetting_target`).
+        base: The JiT settings the trials share: ``probes_per_class`` (zero-shot: probes synthesised per kept class),
+            the forgetting target (:func:`~lightning_jit.tune.settings.forgetting_target`) and ``perturb_at``
+            (zero-shot probes are then synthesised in its module's output space, :mod:`lightning_jit.core.site`, as
+            token ids cannot take gradient steps).
         guard: The collapse guard's settings: with a ``monitor``, its ``max_drop`` bounds the monitor's fall.
         batch_format: How the forget batches are read (for the probes' shape and scale) and where the logits are.
         monitor: Monitored mode: a loader of labelled held-out batches; ``None``: zero-shot.
@@ -149,6 +152,8 @@ class Judge:
     ) -> None:
         task = tune.task
         self.forget, self.task, self.monitor, self.unseen = forget, task, monitor, unseen
+        self.perturb_at = base.perturb_at
+        self._carrier: Tensor | None = None
         self.batch_format = batch_format or BatchFormat()
         self.selector = self.batch_format.output_selector
         self.mode: Mode = "monitored" if monitor is not None else "zero-shot"
@@ -165,16 +170,18 @@ class Judge:
                     f"The forget set holds every class ({num_classes}); `task='class'` needs classes to keep."
                     " Use task='random' for a sample of the training data."
                 )
-            like = self.batch_format.forget_input(next(iter(forget)))
+            like = self.batch_format.forget_input(next(iter(forget))).to(_device_of(original))
+            self._carrier = like
             self.probes = synthesize_class_probes(
                 original,
                 kept,
-                like.to(_device_of(original)),
+                like,
                 per_class=base.probes_per_class,
                 seed=tune.seed + JUDGE_PROBE_SEED_OFFSET,
                 output_selector=self.selector,
+                site=self._site(original),
             )
-            reference = probe_confidence(original, self.probes, self.selector)
+            reference = probe_confidence(original, self.probes, self.selector, self._site(original))
         self.criterion = Criterion(
             task=task,
             target_forget_accuracy=forgetting_target(task, base),
@@ -196,12 +203,21 @@ class Judge:
         else:
             assert self.probes is not None
             x, y = self.probes
-            out["retain"] = probe_confidence(model, (x.to(_device_of(model)), y), self.selector)
+            out["retain"] = probe_confidence(model, (x.to(_device_of(model)), y), self.selector, self._site(model))
         if self.task == "random":
             assert self.unseen is not None
             unseen_logits, _ = predict_split(model, self.unseen, "unseen", batch_format=self.batch_format)
             out["gap"] = _confidence(logits) - _confidence(unseen_logits)
         return out
+
+    def _site(self, model: nn.Module) -> PerturbationSite | None:
+        """The runs' perturbation site on ``model`` (each trial's model is its own copy), or ``None`` for the input."""
+        if self.perturb_at is None:
+            return None
+        site = site_for(self.perturb_at, model)
+        assert self._carrier is not None
+        site.admit(self._carrier.to(_device_of(model)))
+        return site
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:

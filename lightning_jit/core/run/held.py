@@ -19,6 +19,7 @@ from lightning_jit.core.penalties import FrozenReference
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.run.collectives import cpu_generator
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import PerturbationSite
 
 
 class HeldSamples:
@@ -28,6 +29,7 @@ class HeldSamples:
         settings: The run's settings (which terms are on, and their sizes).
         batch_format: How to read the retain batches and the model's output.
         cost: The run's cost counter (the retain loader's read is booked as ``retain``, the probes as ``synthesis``).
+        site: Where the noise goes: the class probes are synthesised in its space (``None``: the input).
 
     Example:
         >>> held = HeldSamples(JiTSettings(probe_distillation=0.0), BatchFormat(), CostCounter())
@@ -37,8 +39,16 @@ class HeldSamples:
         True
     """
 
-    def __init__(self, settings: JiTSettings, batch_format: BatchFormat, cost: CostCounter) -> None:
+    def __init__(
+        self,
+        settings: JiTSettings,
+        batch_format: BatchFormat,
+        cost: CostCounter,
+        site: PerturbationSite | None = None,
+    ) -> None:
         self.settings = settings
+        #: Where the noise goes: the class probes live in its space.
+        self.site = site
         self.batch_format = batch_format
         self.cost = cost
         self.reference: FrozenReference | None = None
@@ -81,6 +91,7 @@ class HeldSamples:
                 std=found.std,
                 generator=cpu_generator(settings.seed),
                 output_selector=self.batch_format.output_selector,
+                site=self.site,
             )
         return int(self.probes.probes.shape[0])
 
@@ -122,7 +133,9 @@ class HeldSamples:
             self.reference = FrozenReference.from_state(original, state["reference"], device)
         for name, held in state["held"].items():
             if held is not None:
-                distill = ProbeDistillation(*(t.to(device) for t in held[:3]))
+                distill = ProbeDistillation(
+                    *(t.to(device) for t in held[:3]), site=self.site if name == "probes" else None
+                )
                 distill._offset = int(held[3])
                 distill.labels = held[4].to(device) if held[4] is not None else None
                 setattr(self, name, distill)

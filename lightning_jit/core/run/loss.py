@@ -25,17 +25,20 @@ from lightning_jit.core.run.held import HeldSamples
 from lightning_jit.core.run.sample_request import SampleRequest
 from lightning_jit.core.run.survey import Calibration
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import InputSite, PerturbationSite
 from lightning_jit.core.state import normalization_mode
 
 
-def noise_norm(sigma: float, x: Tensor) -> float:
-    """``E||xi||`` of the noise on one input of ``x`` (a batch): ``sigma * sqrt(d)``, ``d`` the elements per input.
+def noise_norm(sigma: float, x: Tensor, site: PerturbationSite | None = None) -> float:
+    """``E||xi||`` of the noise on one input of ``x`` (a batch): ``sigma * sqrt(d)``, ``d`` the elements per sample
+    in the site's space (the input's by default).
 
     Example:
         >>> noise_norm(0.5, torch.zeros(3, 1, 4, 4))
         2.0
     """
-    return sigma * math.sqrt(x[0].numel())
+    site = site if site is not None else InputSite()
+    return sigma * math.sqrt(site.dimension(x))
 
 
 @dataclass
@@ -59,6 +62,7 @@ class LossAssembly:
         calibration: The calibrated values (sigma, the penalty's sigma, the task, the forgotten classes).
         held: The frozen original and the held samples.
         request: A sample request's update (its matching loss replaces the objective), or ``None``.
+        site: Where the noise goes (:mod:`lightning_jit.core.site`; ``None``: the input).
 
     Example:
         >>> settings = JiTSettings.plain(sigma=0.5, lr=0.1, n_perturbations=2)
@@ -81,8 +85,10 @@ class LossAssembly:
         held: HeldSamples,
         request: SampleRequest | None = None,
         collectives: Collectives | None = None,
+        site: PerturbationSite | None = None,
     ) -> None:
         self.settings = settings
+        self.site = site if site is not None else InputSite()
         self.batch_format = batch_format
         self.cost = cost
         self.calibration = calibration
@@ -168,9 +174,10 @@ class LossAssembly:
                         clean_logits=clean,
                         normalize_logits=settings.normalize_logits,
                         perturbation=settings.perturbation,
+                        site=self.site,
                     )
-                if settings.unitless_ratio:
-                    loss = loss * noise_norm(sigma, x)  # E||xi||: the ratio becomes scale-free
+                if settings.unitless_ratio:  # E||xi||, in the site's space: the ratio becomes scale-free
+                    loss = loss * noise_norm(sigma, x, self.site)
                 reference_logits, forget_classes = None, calib.calibrated.get("classes")
                 if settings.redistribution > 0 and calib.task == "class" and forget_classes:
                     assert held.reference is not None
@@ -196,6 +203,7 @@ class LossAssembly:
                             seed=seed,
                             epoch=epoch,
                             perturbation=settings.perturbation,
+                            site=self.site,
                         )
                     loss = loss + settings.logit_norm_penalty * penalty
         if distributed:

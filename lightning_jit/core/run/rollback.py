@@ -16,6 +16,7 @@ from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.run.collectives import Collectives, ForwardContext
+from lightning_jit.core.site import PerturbationSite
 from lightning_jit.core.state import WeightSnapshot
 
 
@@ -40,6 +41,7 @@ class Rollback:
         cost: The run's counter (checks are booked as ``guard``).
         collectives: How the processes agree.
         warn: Where the rollback's warning goes.
+        site: Where the noise goes: the guard's noise probes are drawn in its space (``None``: the input).
 
     Example:
         >>> Rollback(CollapseGuard(enabled=False), BatchFormat()).due(steps=1)
@@ -54,13 +56,14 @@ class Rollback:
         cost: CostCounter | None = None,
         collectives: Collectives | None = None,
         warn: Callable[[str], None] | None = None,
+        site: PerturbationSite | None = None,
     ) -> None:
         self.guard = guard
         self.monitor = monitor
         self.cost = cost if cost is not None else CostCounter()
         self.collectives = collectives if collectives is not None else Collectives()
         self.warn = warn if warn is not None else (lambda message: None)
-        self.check: CollapseCheck | None = CollapseCheck(guard, batch_format, monitor) if guard.enabled else None
+        self.check: CollapseCheck | None = CollapseCheck(guard, batch_format, monitor, site) if guard.enabled else None
         #: The weights a collapse restores: the last that passed a check (with a monitor), else those before the run.
         self.last_good: WeightSnapshot | None = None
 

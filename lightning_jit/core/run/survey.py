@@ -21,6 +21,7 @@ from lightning_jit.core.calibration import ForgetSurvey, calibrate_step, kl_move
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.run.collectives import Collectives, cpu_generator, take_shard
 from lightning_jit.core.settings import JiTSettings
+from lightning_jit.core.site import PerturbationSite
 from lightning_jit.core.state import normalization_mode
 from lightning_jit.core.step import NormalizedStep
 
@@ -32,6 +33,7 @@ class Calibration:
         settings: The run's settings; those left to ``None`` are decided here.
         params: The model's trainable parameters.
         collectives: How the processes agree.
+        site: Where the noise goes: sigma and the dimension are read in its space (``None``: the input).
 
     Example:
         >>> calib = Calibration(JiTSettings(task="random", target_forget_accuracy=None), [])
@@ -42,9 +44,15 @@ class Calibration:
     """
 
     def __init__(
-        self, settings: JiTSettings, params: list[nn.Parameter], collectives: Collectives | None = None
+        self,
+        settings: JiTSettings,
+        params: list[nn.Parameter],
+        collectives: Collectives | None = None,
+        site: PerturbationSite | None = None,
     ) -> None:
         self.settings = settings
+        #: Where the noise goes: sigma and the dimension come from its space.
+        self.site = site
         self.params = params
         self.collectives = collectives if collectives is not None else Collectives()
         #: The values the run decided itself (task, sigma, the step size...), for the record.
@@ -110,6 +118,7 @@ class Calibration:
                 generator=cpu_generator(settings.seed),
                 shard=shard if coll.split == "shard" else None,
                 total=coll.sum if coll.world_size > 1 else None,
+                site=self.site,
             )
         task = found.task if settings.task == "auto" else settings.task
         self.calibrated.update(task=task, n_forget=found.n, classes=found.classes, input_std=found.std)
