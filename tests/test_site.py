@@ -344,8 +344,10 @@ def test_judge_probes_in_embedding_space(token_model, tokens):
 
 def test_tuner_judge_measures_a_token_model_through_its_site(token_model, tokens):
     from lightning_jit.tune.judge import Judge
+    from lightning_jit.tune.settings import split_tune_settings
 
-    judge = Judge(token_model, _forget(tokens), probes_per_class=2, perturb_at="embedding")
+    tune, base, _, guard = split_tune_settings({"probes_per_class": 2, "perturb_at": "embedding"})
+    judge = Judge(token_model, _forget(tokens), tune, base, guard)
     assert judge.probes is not None and judge.probes[0].shape == (18, 64, 16)  # 9 kept classes x 2, in embedding space
     copy = TokenNet()
     copy.load_state_dict(token_model.state_dict())
