@@ -155,6 +155,7 @@ class JiTUnlearning(pl.LightningModule):
                 f"`compile_model` must be True, False or a dict of torch.compile arguments, got {compile_model!r}."
             )
         self.settings, self.batch_format, self.guard = split_settings(settings, batch_format, guard, settings_kwargs)
+        self.batch_format = self.batch_format.for_model(model)  # the class count a tuple output's logits are found by
         self.monitor = check_monitor(monitor)
         self.retain = check_monitor(retain, "retain")
         self.model = model
@@ -355,8 +356,8 @@ class JiTUnlearning(pl.LightningModule):
                 return model.validation_step(batch, batch_idx)
             finally:
                 model._current_fx_name = previous
-        x, y = self.batch_format.input_and_labels(batch, "validation")
-        logits = self.batch_format.logits(model(x), x.shape[0])
+        x, y = self.batch_format.input_and_labels(batch, "validation", structured=True)
+        logits = self.batch_format.model_logits(model, x)
         accuracy = (logits.argmax(1) == y.to(logits.device)).float().mean() * 100.0
         self.log("val_acc", accuracy, prog_bar=True, batch_size=int(y.shape[0]))
         return None
