@@ -44,6 +44,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTDivergenceError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.outcome import JiTUnlearningFailed
+from lightning_jit.lightning.checkpoint import recorded_batch_format
 
 __all__ = ["EXIT_NOT_FORGOTTEN", "main"]
 
@@ -269,7 +270,7 @@ def _run_evaluate(rest: list[str]) -> None:
         test=test,
         retrained=models.get("--retrained"),
         seed=args.seed,
-        batch_format=job.batch_format,
+        batch_format=recorded_batch_format(job.batch_format, unlearned_ckpt),
         verification=(unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("verification"),
     )
     paths = report.save(report_dir)
