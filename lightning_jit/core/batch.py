@@ -283,18 +283,22 @@ class BatchFormat:
             raise JiTSettingError("unpack_input", f"must be True or False, got {self.unpack_input!r}.")
 
     def for_model(self, model: Any) -> BatchFormat:
-        """This format with ``num_classes`` taken from ``model`` (:func:`infer_num_classes`) when it is not set.
+        """This format with ``num_classes`` taken from ``model`` (:func:`infer_num_classes`) when it is not set, and,
+        with no ``output_selector``, one that finds the logits by that class count (:class:`LogitsByClassCount`), so
+        that every reader of ``output_selector`` finds them.
 
         Example:
             >>> class Net(torch.nn.Linear):
             ...     num_classes = 5
-            >>> BatchFormat().for_model(Net(3, 5)).num_classes
-            5
+            >>> fmt = BatchFormat().for_model(Net(3, 5))
+            >>> fmt.num_classes, fmt.output_selector((torch.zeros(2, 64), torch.zeros(2, 5))).shape
+            (5, torch.Size([2, 5]))
         """
-        if self.num_classes is not None:
+        n = self.num_classes if self.num_classes is not None else infer_num_classes(model)
+        if n is None:
             return self
-        found = infer_num_classes(model)
-        return self if found is None else replace(self, num_classes=found)
+        selector = LogitsByClassCount(n) if self.output_selector is None else self.output_selector
+        return replace(self, num_classes=n, output_selector=selector)
 
     # -- inputs -------------------------------------------------------------------------------------------------------
     def input(self, batch: Any) -> ModelInput:
@@ -414,11 +418,29 @@ class BatchFormat:
         return {
             "input_key": self.input_key,
             "label_key": self.label_key,
-            "output_selector": _callable_name(self.output_selector),
+            "output_selector": None
+            if isinstance(self.output_selector, LogitsByClassCount)
+            else _callable_name(self.output_selector),
             "batch_to_input": _callable_name(self.batch_to_input),
             "num_classes": self.num_classes,
             "unpack_input": self.unpack_input,
         }
+
+
+@dataclass(frozen=True)
+class LogitsByClassCount:
+    """The automatic ``output_selector`` of a model whose class count is known: ``select_output(output, None,
+    num_classes)``. Recorded as ``None`` (automatic) in hyperparameters, as it is derived again from ``num_classes``.
+
+    Example:
+        >>> LogitsByClassCount(3)((torch.zeros(2, 8), torch.zeros(2, 3))).shape
+        torch.Size([2, 3])
+    """
+
+    num_classes: int
+
+    def __call__(self, output: Any) -> Tensor:
+        return select_output(output, None, self.num_classes)
 
 
 def _fields(batch: Any, keys: list[Any]) -> Any:
