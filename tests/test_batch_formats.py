@@ -219,3 +219,26 @@ def test_evaluation_reads_dict_batches_as_the_model_takes_them():
         want[name] = 100.0 * sum(hits) / len(hits)
     got = {m: report.accuracy[m]["forget"] for m in want}
     assert got == pytest.approx(want)
+
+
+def test_forget_classes_read_float_labels():
+    from torch.utils.data import TensorDataset
+
+    from lightning_jit.cli.errors import JiTUsageError
+    from lightning_jit.cli.forget import dataset_labels
+
+    y = torch.tensor([2.0, 0.0, 1.0])
+    assert torch.equal(dataset_labels(TensorDataset(torch.zeros(3, 2), y)), torch.tensor([2, 0, 1]))
+    assert torch.equal(dataset_labels([(torch.zeros(2), 2.0), (torch.zeros(2), torch.tensor(1))]), torch.tensor([2, 1]))
+    with pytest.raises(JiTUsageError, match="--batch.label_key.*2.5"):
+        dataset_labels(TensorDataset(torch.zeros(3, 2), torch.tensor([2.5, 0.0, 1.0])))
+
+
+def test_evaluate_reuses_the_recorded_output_selector():
+    from lightning_jit.lightning.checkpoint import JIT_HPARAMS_KEY, recorded_batch_format
+
+    checkpoint = {JIT_HPARAMS_KEY: BatchFormat(output_selector=1, label_key="digit").hparams()}
+    assert recorded_batch_format(BatchFormat(), checkpoint).output_selector == 1
+    assert recorded_batch_format(BatchFormat(output_selector=0), checkpoint).output_selector == 0  # the config wins
+    auto = {JIT_HPARAMS_KEY: BatchFormat().for_model(_TupleNet()).hparams()}  # recorded as automatic
+    assert recorded_batch_format(BatchFormat(), auto).output_selector is None
