@@ -95,7 +95,7 @@ def class_accuracy(model: nn.Module, data: TokenDigits, forgotten: int) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forget_class", type=int, default=3)
-    parser.add_argument("--train_epochs", type=int, default=20)
+    parser.add_argument("--train_epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, test = load_token_digits()
     model = TokenClassifier()
     trainer_kwargs: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False}
-    pl.Trainer(max_epochs=args.train_epochs, **trainer_kwargs).fit(model, DataLoader(train, 32, shuffle=True))
+    pl.Trainer(max_epochs=args.train_epochs, **trainer_kwargs).fit(model, DataLoader(train, 64, shuffle=True))
     before = class_accuracy(model, test, args.forget_class)
 
     # Forget one class: the forget set is its training samples, in the same dict batches (the attention mask reaches
