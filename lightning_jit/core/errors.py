@@ -6,12 +6,13 @@ type a Lightning user already catches.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import nn
 
 __all__ = [
     "JiTDivergenceError",
@@ -48,7 +49,7 @@ class JiTDivergenceError(RuntimeError):
     """JiT diverged (non-finite weights, losses or outputs). The weights from before the run have been restored."""
 
 
-def forward_failure(model: nn.Module, x: Tensor, err: BaseException) -> JiTInputError:
+def forward_failure(model: nn.Module, x: Any, err: BaseException) -> JiTInputError:
     """A :class:`JiTInputError` saying that a forget batch input does not go through ``model``, and why.
 
     Example:
@@ -57,7 +58,12 @@ def forward_failure(model: nn.Module, x: Tensor, err: BaseException) -> JiTInput
         >>> "shape (2, 5)" in str(err)
         True
     """
-    found = f"a forget batch input of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    if isinstance(x, Tensor):
+        found = f"a forget batch input of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    else:  # a dict or tuple input (the batch module reads it; imported here, as it imports this one)
+        from lightning_jit.core.batch import describe_input
+
+        found = f"a forget batch input {describe_input(x)}"
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     devices = sorted({str(p.device) for p in model.parameters()})
     return JiTInputError(

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, as_class_labels, batch_size, describe_input, move, tensors
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.outcome import Verification
 from lightning_jit.core.state import normalization_mode
@@ -78,7 +78,7 @@ def _is_pair(split: Any) -> bool:
 
 def _read_batch(batch_format: BatchFormat, batch: Any, name: str) -> tuple[Tensor, Tensor]:
     try:
-        return batch_format.input_and_labels(batch, name)
+        return batch_format.input_and_labels(batch, name, structured=True)
     except JiTInputError as err:
         raise MisconfigurationException(
             f"Cannot read a `{name}` batch of type {type(batch).__name__}: {err} Give the evaluation the same"
@@ -105,28 +105,35 @@ def _iter_split(split: Split, name: str, batch_size: int, batch_format: BatchFor
         yield _read_batch(batch_format, batch, name)
 
 
+def _rows(x: Any) -> int:
+    try:
+        return batch_size(x)
+    except JiTInputError as err:
+        raise MisconfigurationException(str(err)) from err
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _logits_of(model: nn.Module, name: str, x: Tensor, split: str, batch_format: BatchFormat) -> Tensor:
+def _logits_of(model: nn.Module, name: str, x: Any, split: str, batch_format: BatchFormat) -> Tensor:
     try:
-        output = model(x.to(_device_of(model)))
+        output = batch_format.call(model, move(x, _device_of(model)))
     except (RuntimeError, TypeError) as err:  # e.g. inputs of the wrong shape for the model: name the split
         raise MisconfigurationException(
-            f"The {name} model cannot run on the `{split}` split: inputs of shape {tuple(x.shape)} and dtype"
-            f" {x.dtype} ({err}). Pass `{split}` data in the form the models were trained on."
+            f"The {name} model cannot run on the `{split}` split: inputs {describe_input(x)} ({err}). Pass"
+            f" `{split}` data in the form the models were trained on."
         ) from err
     try:
-        logits = batch_format.logits(output)
+        logits = batch_format.for_model(model).logits(output)
     except JiTInputError as err:
         raise MisconfigurationException(
             f"Cannot find the {name} model's logits on the `{split}` split: {err} Give the evaluation the same"
             " `batch_format=BatchFormat(output_selector=...)` as JiT."
         ) from err
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch_size(x):
         raise MisconfigurationException(
-            f"The {name} model must return (batch, classes) logits with batch={x.shape[0]}, or"
+            f"The {name} model must return (batch, classes) logits with batch={batch_size(x)}, or"
             f" `batch_format=BatchFormat(output_selector=...)` must select them from its output;"
             f" got {getattr(logits, 'shape', type(logits))}."
         )
@@ -148,13 +155,18 @@ def _run_split(
     labels: list[Tensor] = []
     features: list[Tensor] = []
     for x, y in _iter_split(split, name, batch_size, batch_format):
-        if x.shape[0] == 0:
+        n = _rows(x)
+        if n == 0:
             continue
-        if y.dim() != 1 or y.shape[0] != x.shape[0] or torch.is_floating_point(y):
+        if y.dim() != 1 or y.shape[0] != n or y.dtype == torch.bool:
             raise MisconfigurationException(
                 f"`{name}` labels must be a 1-D integer tensor with one class index per sample, got {tuple(y.shape)}"
                 f" ({y.dtype})."
             )
+        try:
+            y = as_class_labels(y, f"{name} labels")
+        except JiTInputError as err:
+            raise MisconfigurationException(str(err)) from err
         widths = {}
         for m, model in models.items():
             out = _logits_of(model, m, x, name, batch_format)
@@ -177,8 +189,12 @@ def _run_split(
             )
         labels.append(y.cpu())
         if want_features:
-            f = feature_fn(x) if feature_fn is not None else x
-            features.append(f.detach().reshape(x.shape[0], -1).float().cpu())
+            f = (
+                feature_fn(x)
+                if feature_fn is not None
+                else torch.cat([t.reshape(n, -1).float() for t in tensors(x)], 1)
+            )
+            features.append(f.detach().reshape(n, -1).float().cpu())
     if not labels:
         raise MisconfigurationException(
             f"The `{name}` split is empty: it has no samples. Pass a non-empty split, or `None` to skip its metrics."

@@ -609,7 +609,7 @@ class JiTUnlearningCallback(Callback):
         run = self.run = JiTRun(
             pl_module,
             settings,
-            batch_format=self.batch_format,
+            batch_format=self.batch_format.for_model(pl_module),
             guard=self.guard,
             monitor=self.monitor,
             retain=self.retain,
@@ -696,7 +696,7 @@ class JiTUnlearningCallback(Callback):
         """
         correct = labelled = count = 0
         entropy = 0.0
-        fmt = self.batch_format
+        fmt = self.batch_format.for_model(pl_module)
         with normalization_mode(pl_module, "eval"), trainer.precision_plugin.forward_context():
             for batch in self._batches(forget, indices):
                 batch = move_data_to_device(batch, trainer.strategy.root_device)

@@ -13,6 +13,7 @@ run and removes every other one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -219,3 +220,18 @@ def forget_removed_checkpoints(trainer: pl.Trainer, removed: list[str]) -> None:
         if callback.best_model_path == "" and callback.best_k_models:
             best = (min if callback.mode == "min" else max)(callback.best_k_models, key=callback.best_k_models.get)
             callback.best_model_path, callback.best_model_score = best, callback.best_k_models[best]
+
+
+def recorded_batch_format(batch_format: Any, checkpoint: dict[str, Any]) -> Any:
+    """``batch_format`` with the ``output_selector`` recorded in an unlearned ``checkpoint`` when it sets none itself
+    (an int index or a str key; a callable is recorded by name only and cannot be restored).
+
+    Example:
+        >>> from lightning_jit.core.batch import BatchFormat
+        >>> recorded_batch_format(BatchFormat(), {JIT_HPARAMS_KEY: {"output_selector": 1}}).output_selector
+        1
+    """
+    recorded = (checkpoint.get(JIT_HPARAMS_KEY) or {}).get("output_selector")
+    if batch_format.output_selector is not None or isinstance(recorded, bool) or not isinstance(recorded, (int, str)):
+        return batch_format
+    return dataclasses.replace(batch_format, output_selector=recorded)

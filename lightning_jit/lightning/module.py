@@ -163,6 +163,7 @@ class JiTUnlearning(pl.LightningModule):
                 f"`compile_model` must be True, False or a dict of torch.compile arguments, got {compile_model!r}."
             )
         self.settings, self.batch_format, self.guard = split_settings(settings, batch_format, guard, settings_kwargs)
+        self.batch_format = self.batch_format.for_model(model)  # the class count a tuple output's logits are found by
         self.monitor = check_monitor(monitor)
         self.retain = check_monitor(retain, "retain")
         self.model = model
@@ -370,8 +371,8 @@ class JiTUnlearning(pl.LightningModule):
                 return model.validation_step(batch, batch_idx)
             finally:
                 model._current_fx_name = previous
-        x, y = self.batch_format.input_and_labels(batch, "validation")
-        logits = self.batch_format.logits(model(x), x.shape[0])
+        x, y = self.batch_format.input_and_labels(batch, "validation", structured=True)
+        logits = self.batch_format.model_logits(model, x)
         y = y.to(logits.device)
         accuracy = multiclass_accuracy(logits, y, logits.shape[1], average="micro", validate_args=False) * 100.0
         self.log("val_acc", accuracy, prog_bar=True, batch_size=int(y.shape[0]))
