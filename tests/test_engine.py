@@ -54,9 +54,11 @@ def test_plain_jit_costs_the_reference_pass_per_step():
     samples = 2 * 2 * batch  # two batches, two passes
     assert run.cost.counts["perturbed"] == n * samples
     assert run.cost.counts["clean"] == 3 * samples
-    # Plus the survey before the run and the verification after it: one no-grad forward of the forget set each.
-    assert run.cost.counts["calibration"] == run.cost.counts["verification"] == samples // 2
-    assert run.cost.total == counter.total == (n + 3) * samples + samples
+    # Plus the verification after the run (one no-grad forward of the forget set) and the survey before it, which
+    # sends only the first batch through the model: the later batches are labelled, their classes are their labels.
+    assert run.cost.counts["verification"] == samples // 2
+    assert run.cost.counts["calibration"] == batch
+    assert run.cost.total == counter.total == (n + 3) * samples + samples // 2 + batch
     # Over the reference's one pass at ITS N = 25 (28 per sample), whatever N this run drew.
     report = run.cost.report(n_forget=2 * batch, n_perturbations=n)
     assert report["over_reference"] == pytest.approx(counter.total / (2 * batch * (25 + 3)))

@@ -1083,7 +1083,9 @@ class JiTRun:
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] | None,
         kind: str,
     ) -> Verification:
-        """The share of the forget set the current weights still recognise (a no-grad pass, booked under ``kind``).
+        """The share of the forget set the current weights still recognise (a no-grad pass, booked under ``kind``;
+        consecutive small batches go through the model together, up to
+        :data:`~lightning_jit.core.calibration.MAX_BATCH` samples at a time).
 
         A sample is *recognised* when the model predicts its label (or, for unlabelled batches, the class the model
         predicted before the run). Under DDP each process measures its share of the batches and the counts are summed.
@@ -1098,13 +1100,8 @@ class JiTRun:
         if self.forget is not None:
             original = self._pre_run.state if self._pre_run is not None else None
             with normalization_mode(self.model, "eval"), self.cost.kind(kind):
-                for batch in self.forget:
-                    batch = _to_device(batch, device)
-                    x, labels = fmt.forget_input(batch), fmt.labels(batch)
-                    if coll.split == "shard":
-                        x, labels = self._shard_pair(x, labels)
-                    if x.shape[0] == 0:
-                        continue
+                shares = (self._forget_share(batch, device) for batch in self.forget)
+                for x, labels in _coalesced(shares, calibration.MAX_BATCH):
                     context = forward_context() if forward_context is not None else contextlib.nullcontext()
                     with context:
                         logits = fmt.logits(self.model(x), x.shape[0]).float()
@@ -1136,6 +1133,12 @@ class JiTRun:
             target=self.target,
             measured_against=measured_against,
         )
+
+    def _forget_share(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """This process's inputs and labels of a forget batch, on ``device``."""
+        batch = _to_device(batch, device)
+        x, labels = self.batch_format.forget_input(batch), self.batch_format.labels(batch)
+        return self._shard_pair(x, labels) if self.collectives.split == "shard" else (x, labels)
 
     def _give_guard_the_probes(self) -> None:
         """Let the collapse guard watch the class probes the run holds, with the original's class of each."""
@@ -1393,6 +1396,49 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def _coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Iterable[tuple[Tensor, Tensor | None]]:
+    """Join consecutive ``(inputs, labels)`` batches into batches of up to ``limit`` samples, so that a no-grad pass
+    over a loader of small batches (batch 1) takes few forward passes. Batches join only when their inputs have the same
+    sample shape and dtype and all or none have labels; a batch of ``limit`` or more samples goes as it is; empty ones
+    are dropped. Every sample is scored on its own, so the grouping changes no result beyond float rounding.
+
+    Example:
+        >>> pairs = [(torch.zeros(1, 2), torch.zeros(1)), (torch.ones(1, 2), torch.ones(1)), (torch.ones(3, 2), None)]
+        >>> [(tuple(x.shape), None if y is None else tuple(y.shape)) for x, y in _coalesced(pairs, 4)]
+        [((2, 2), (2,)), ((3, 2), None)]
+    """
+    xs: list[Tensor] = []
+    ys: list[Tensor | None] = []
+    count = 0
+
+    def joined() -> tuple[Tensor, Tensor | None]:
+        labels = ys if all(y is not None for y in ys) else None
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        y = (labels[0] if len(labels) == 1 else torch.cat(labels)) if labels is not None else None  # type: ignore[arg-type]
+        return x, y
+
+    for x, labels in pairs:
+        if x.shape[0] == 0:
+            continue
+        fits = (
+            xs
+            and x.shape[1:] == xs[0].shape[1:]
+            and x.dtype == xs[0].dtype
+            and x.device == xs[0].device
+            and (labels is None) == (ys[0] is None)
+            and (labels is None or labels.shape[1:] == ys[0].shape[1:])  # type: ignore[union-attr]
+            and count + x.shape[0] <= limit
+        )
+        if xs and not fits:
+            yield joined()
+            xs, ys, count = [], [], 0
+        xs.append(x)
+        ys.append(labels)
+        count += int(x.shape[0])
+    if xs:
+        yield joined()
 
 
 def _warn(message: str) -> None:
