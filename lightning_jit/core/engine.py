@@ -1401,8 +1401,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Iterable[tuple[Tensor, Tensor | None]]:
     """Join consecutive ``(inputs, labels)`` batches into batches of up to ``limit`` samples, so that a no-grad pass
     over a loader of small batches (batch 1) takes few forward passes. Batches join only when their inputs have the same
-    sample shape and dtype and all or none have labels; a batch of ``limit`` or more samples goes as it is; empty ones
-    are dropped. Every sample is scored on its own, so the grouping changes no result beyond float rounding.
+    sample shape and dtype and all or none have labels (one per input); a batch of ``limit`` or more samples, or whose
+    labels do not match its inputs one to one, goes as it is; empty ones are dropped. Every sample is scored on its
+    own, so the grouping changes no result beyond float rounding.
 
     Example:
         >>> pairs = [(torch.zeros(1, 2), torch.zeros(1)), (torch.ones(1, 2), torch.ones(1)), (torch.ones(3, 2), None)]
@@ -1421,6 +1422,12 @@ def _coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Ite
 
     for x, labels in pairs:
         if x.shape[0] == 0:
+            continue
+        if labels is not None and (labels.dim() == 0 or labels.shape[0] != x.shape[0]):
+            if xs:  # labels that do not match the inputs one to one are scored as the batch gave them
+                yield joined()
+                xs, ys, count = [], [], 0
+            yield x, labels
             continue
         fits = (
             xs
