@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_defaults, bench_fit, bench_objective
+from benchmarks import bench_defaults, bench_fit, bench_objective, bench_plain_fit
+from benchmarks.breakdown import LOOP, Breakdown
 from benchmarks.reference_port import reference_step
 from lightning_jit import jit_objective
 
@@ -67,6 +68,45 @@ def test_bench_fit_times_both_methods_on_every_case():
     rows = bench_fit.main(["--rounds", "1"])
     assert [(r["forget"], r["batch"]) for r in rows] == [(n, b) for _, n, b in bench_fit.CASES]
     assert all(r["library_s"] > 0 and r["reference_s"] > 0 and r["outcomes"] for r in rows)
+    # The fixed cost is a part of a timed fit: positive (every request surveys and verifies) and less than all of it.
+    assert all(0 < r["fixed_s"] < r["timed_fit_s"] for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_plain_fit_times_both_methods_and_breaks_the_fit_down(capsys):
+    rows = bench_plain_fit.main(["--samples", "8", "--batches", "4", "--rounds", "1"])
+    assert [r["batch"] for r in rows] == [4]
+    assert rows[0]["speedup"] == rows[0]["reference_s"] / rows[0]["library_s"]
+    out = capsys.readouterr().out
+    assert "(2 steps)" in out and "warning" not in out  # one step per batch: no stopping rule ended the pass
+    assert "| backward |" in out and "| **whole fit** |" in out
+
+
+@pytest.mark.slow
+def test_breakdown_times_a_real_fit_and_puts_everything_back():
+    """The timed components of a real fit: the model's passes and Lightning's loop are there, no component's own time
+    is negative, and the patched functions are the originals again afterwards."""
+    from lightning.pytorch import LightningModule
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_jit import JiTUnlearning
+    from lightning_jit.core import engine
+    from lightning_jit.core.cost import CostCounter
+    from lightning_jit.core.state import gradients_finite
+    from lightning_jit.lightning.trainer import quiet_trainer
+
+    kind = CostCounter.kind
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    wrapper = JiTUnlearning(net, bench_plain_fit.plain_settings().replace(n_perturbations=3))
+    with Breakdown() as parts:
+        quiet_trainer(max_epochs=-1).fit(wrapper, data)
+    assert "log" not in vars(JiTUnlearning) and JiTUnlearning.log is LightningModule.log
+    assert engine.gradients_finite is gradients_finite and CostCounter.kind is kind
+    for part in ("perturbed passes, noise and ratios", "clean forward (with autograd)", "backward", LOOP):
+        assert parts.seconds[part] > 0
+    assert min(parts.seconds.values()) >= 0
 
 
 def test_benchmark_compares_the_same_objective():

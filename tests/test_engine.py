@@ -54,9 +54,11 @@ def test_plain_jit_costs_the_reference_pass_per_step():
     samples = 2 * 2 * batch  # two batches, two passes
     assert run.cost.counts["perturbed"] == n * samples
     assert run.cost.counts["clean"] == 3 * samples
-    # Plus the survey before the run and the verification after it: one no-grad forward of the forget set each.
-    assert run.cost.counts["calibration"] == run.cost.counts["verification"] == samples // 2
-    assert run.cost.total == counter.total == (n + 3) * samples + samples
+    # Plus the verification after the run (one no-grad forward of the forget set) and the survey before it, which
+    # sends only the first batch through the model: the later batches are labelled, their classes are their labels.
+    assert run.cost.counts["verification"] == samples // 2
+    assert run.cost.counts["calibration"] == batch
+    assert run.cost.total == counter.total == (n + 3) * samples + samples // 2 + batch
     # Over the reference's one pass at ITS N = 25 (28 per sample), whatever N this run drew.
     report = run.cost.report(n_forget=2 * batch, n_perturbations=n)
     assert report["over_reference"] == pytest.approx(counter.total / (2 * batch * (25 + 3)))
@@ -110,3 +112,45 @@ def test_an_error_that_is_not_the_batch_keeps_its_type():
     with pytest.raises(RuntimeError, match="out of memory") as info:
         run.step(_batches(1)[0], optimizer=torch.optim.SGD(run.params, lr=0.1), backward=broken_backward, epoch=0)
     assert type(info.value) is RuntimeError
+
+
+def test_verification_of_small_batches_counts_every_sample_once():
+    """A forget loader of batch 1 is verified in joined passes (few forwards), with the accuracy and confidence that
+    a per-sample loop over the same weights gives."""
+    torch.manual_seed(3)
+    net = _net()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(11, 1, 4, 4, generator=g), torch.randint(0, 4, (11,), generator=g)
+    batches = [(x[i : i + 1], y[i : i + 1]) for i in range(11)]
+    counter = SampleCounter(net)
+    calls = []
+    net.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    run = JiTRun(net, JiTSettings.plain(sigma=0.3, lr=0.01, task="class"), guard=CollapseGuard(enabled=False))
+    run.start(batches)
+    calls.clear()
+    verification = run.finish()
+    counter.handle.remove()
+    assert calls == [11]  # one joined pass, not one per batch
+    with torch.no_grad():  # the independent per-sample loop
+        hits = [int(net(x[i : i + 1]).argmax(1) == y[i]) for i in range(11)]
+        conf = [float(torch.softmax(net(x[i : i + 1]), 1)[0, y[i]]) for i in range(11)]
+    assert verification.n_forget == 11
+    assert verification.forget_accuracy == pytest.approx(100.0 * sum(hits) / 11)
+    assert verification.forget_confidence == pytest.approx(100.0 * sum(conf) / 11, rel=1e-5)
+
+
+def test_survey_reads_labelled_batches_without_the_model():
+    """The survey sends the first batch through the model (its width, the order of its weight modules); the labelled
+    batches after it are read for their labels and statistics only. An unlabelled batch still goes through it (its
+    classes are the original's predictions)."""
+    batches = _batches(3, 5, label=2)
+    unlabelled = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(9))
+    run, _ = _run(JiTSettings.plain(sigma=0.3, lr=0.01, task="class"), [*batches, unlabelled])
+    assert run.cost.counts["calibration"] == 5 + 4
+    assert run.survey is not None and run.survey.n == 3 * 5 + 4
+    inputs = torch.cat([b[0] for b in batches] + [unlabelled])
+    assert run.survey.std == pytest.approx(float(inputs.double().std(unbiased=False)))
+    with torch.no_grad():
+        predicted = set(_net()(unlabelled).argmax(1).tolist())
+    assert set(run.survey.classes) == {2} | predicted
+    assert [type(m) for m in run.survey.weight_modules] == [nn.Linear, nn.Linear]

@@ -1,8 +1,9 @@
 """What a run calibrates itself from the model and the forget set, so that a new model needs no knobs.
 
-Before the first step a run surveys the forget set once (:func:`survey_forget_set`, one no-grad forward per sample):
-its size, the classes it holds, the scale of its inputs, and the weight-carrying modules in the order the model runs
-them. From that it derives everything a setting left to ``None``:
+Before the first step a run surveys the forget set once (:func:`survey_forget_set`: it reads every batch, and sends the
+first batch, and any batch without labels, through the model without autograd): its size, the classes it holds, the
+scale of its inputs, and the weight-carrying modules in the order the model runs them. From that it derives everything
+a setting left to ``None``:
 
 * the task (:data:`CLASS_TASK_SHARE`): forgetting whole classes, or a random sample of the training data;
 * ``sigma`` and the penalty's noise, in units of the forget inputs' std (:data:`SIGMA_SCALE`,
@@ -56,7 +57,7 @@ Task = Literal["class", "random"]
 
 @dataclass
 class ForgetSurvey:
-    """What one no-grad pass over the forget set found (pooled over processes).
+    """What the survey of the forget set found (pooled over processes).
 
     Attributes:
         n: Forget samples.
@@ -108,7 +109,9 @@ def survey_forget_set(
     total: Callable[[Tensor], Tensor] | None = None,
     site: PerturbationSite | None = None,
 ) -> ForgetSurvey:
-    """One no-grad pass over ``forget`` with the original model ``reference``.
+    """One pass over ``forget``: its inputs' statistics and labels, and the original model ``reference``'s outputs on
+    the first batch (the model's width and the order of its weight modules) and on every batch without labels (their
+    classes are the original's predictions). Labelled batches after the first are not sent through the model.
 
     Args:
         reference: The original model's forward (e.g. a :class:`~lightning_jit.core.penalties.FrozenReference`);
@@ -141,6 +144,7 @@ def survey_forget_set(
     handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, WEIGHT_MODULES)]
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # samples, elements, sum, sum of squares
     seen: Tensor | None = None
+    width = 0
     first: Tensor | None = None
     kept: list[Tensor] = []
     drawn = 0
@@ -156,22 +160,27 @@ def survey_forget_set(
                 x, labels = shard(x, labels)
             if x.shape[0] == 0:
                 continue
-            try:
-                with site.observe() as take:
-                    logits = batch_format.logits(reference(x), x.shape[0])
-                    space = take(x)
-            except (RuntimeError, TypeError) as err:
-                raise forward_failure(model, x, err) from err
+            with site.observe() as take:
+                if seen is None or labels is None or not isinstance(site, InputSite):
+                    # The model's width and the order of its weight modules come from the first forward. After it, a
+                    # labelled batch needs no forward at the input site (its classes are its labels); an unlabelled
+                    # one needs the original's predictions, and a module site the activations it perturbs.
+                    try:
+                        logits = batch_format.logits(reference(x), x.shape[0])
+                    except (RuntimeError, TypeError) as err:
+                        raise forward_failure(model, x, err) from err
+                    width = int(logits.shape[1])
+                space = take(x)
             found = labels.to(device).long() if labels is not None else logits.argmax(1)
-            outside = found[(found < 0) | (found >= logits.shape[1])]
+            outside = found[(found < 0) | (found >= width)]
             if outside.numel():
                 raise JiTInputError(
                     f"The forget set has labels {sorted(set(outside.tolist()))[:5]} outside the model's"
-                    f" {logits.shape[1]} classes (0..{logits.shape[1] - 1}). Check `label_key` and the labels: a"
+                    f" {width} classes (0..{width - 1}). Check `label_key` and the labels: a"
                     " sample the model cannot predict can never be verified as forgotten."
                 )
             if seen is None:
-                seen = torch.zeros(logits.shape[1], dtype=torch.float64, device=device)
+                seen = torch.zeros(width, dtype=torch.float64, device=device)
             seen.index_add_(0, found, torch.ones_like(found, dtype=torch.float64))
             xf = space.double()
             stats += torch.stack([xf.new_tensor(x.shape[0]), xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()])

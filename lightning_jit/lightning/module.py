@@ -349,7 +349,6 @@ class JiTUnlearning(pl.LightningModule):
                 on_epoch=False,
                 rank_zero_only=True,
             )
-        self.log("jit_skipped_steps", float(self.run.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max")
         if report.stop:
             self.trainer.should_stop = True
         elif report.rolled_back:
@@ -379,6 +378,10 @@ class JiTUnlearning(pl.LightningModule):
         return None
 
     def on_train_epoch_end(self) -> None:
+        if self.run is not None:
+            # Once per pass, not per step (every `self.log` call has a fixed cost in Lightning's result collection):
+            # the count only grows, so its value at the end of the pass is the pass's maximum.
+            self.log("jit_skipped_steps", float(self.run.skipped_steps), on_step=False, on_epoch=True)
         if self.run is not None and self.run.end_pass(self.current_epoch):
             self.trainer.should_stop = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,9 @@ class Verifier:
         *,
         target: float | None,
     ) -> Verification:
-        """The share of the forget set the current weights still recognise (a no-grad pass, booked under ``kind``).
+        """The share of the forget set the current weights still recognise (a no-grad pass, booked under ``kind``;
+        consecutive small batches go through the model together, up to
+        :data:`~lightning_jit.core.calibration.MAX_BATCH` samples at a time).
 
         A sample is *recognised* when the model predicts its label (or, for unlabelled batches, the class the model
         predicted before the run: ``original``, its weights). Under DDP each process measures its share of the
@@ -150,14 +152,16 @@ class Verifier:
         # recognised, confidence sum, n, labelled, entropy sum
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         measured_against = "labels"
+
+        def share(batch: Any) -> tuple[Tensor, Tensor | None]:
+            batch = to_device(batch, device)
+            x, labels = fmt.forget_input(batch), fmt.labels(batch)
+            if coll.split == "shard":
+                x, labels, _ = take_shard(x, labels, None, coll.rank, coll.world_size)
+            return x, labels
+
         with normalization_mode(self.model, "eval"), self.cost.kind(kind):
-            for batch in forget:
-                batch = to_device(batch, device)
-                x, labels = fmt.forget_input(batch), fmt.labels(batch)
-                if coll.split == "shard":
-                    x, labels, _ = take_shard(x, labels, None, coll.rank, coll.world_size)
-                if x.shape[0] == 0:
-                    continue
+            for x, labels in coalesced((share(batch) for batch in forget), calibration.MAX_BATCH):
                 with within(forward_context):
                     logits = fmt.logits(self.model(x), x.shape[0]).float()
                     if labels is None and original is not None:
@@ -277,6 +281,56 @@ class Verifier:
 def rolled_back(verification: Verification, reason: str) -> Verification:
     """``verification`` with the outcome ``rolled_back`` and ``reason``."""
     return dataclasses.replace(verification, outcome=Outcome.ROLLED_BACK, reason=reason)
+
+
+def coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Join consecutive ``(inputs, labels)`` batches into batches of up to ``limit`` samples, so that a no-grad pass
+    over a loader of small batches (batch 1) takes few forward passes. Batches join only when their inputs have the same
+    sample shape, dtype and device and all or none have labels (one per input); a batch whose labels do not match its
+    inputs one to one goes as it is; empty ones are dropped. Every sample is scored on its own, so the grouping changes
+    no result beyond float rounding.
+
+    Example:
+        >>> pairs = [(torch.zeros(1, 2), torch.zeros(1)), (torch.ones(1, 2), torch.ones(1)), (torch.ones(3, 2), None)]
+        >>> [(tuple(x.shape), None if y is None else tuple(y.shape)) for x, y in coalesced(pairs, 4)]
+        [((2, 2), (2,)), ((3, 2), None)]
+    """
+    xs: list[Tensor] = []
+    ys: list[Tensor | None] = []
+    count = 0
+
+    def joined() -> tuple[Tensor, Tensor | None]:
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        labels = [y for y in ys if y is not None]
+        if len(labels) < len(ys):
+            return x, None
+        return x, labels[0] if len(labels) == 1 else torch.cat(labels)
+
+    for x, labels in pairs:
+        if x.shape[0] == 0:
+            continue
+        if labels is not None and (labels.dim() == 0 or labels.shape[0] != x.shape[0]):
+            if xs:  # labels that do not match the inputs one to one are scored as the batch gave them
+                yield joined()
+                xs, ys, count = [], [], 0
+            yield x, labels
+            continue
+        fits = bool(xs) and (
+            x.shape[1:] == xs[0].shape[1:]
+            and x.dtype == xs[0].dtype
+            and x.device == xs[0].device
+            and (labels is None) == (ys[0] is None)
+            and (labels is None or labels.shape[1:] == ys[0].shape[1:])  # type: ignore[union-attr]
+            and count + x.shape[0] <= limit
+        )
+        if xs and not fits:
+            yield joined()
+            xs, ys, count = [], [], 0
+        xs.append(x)
+        ys.append(labels)
+        count += int(x.shape[0])
+    if xs:
+        yield joined()
 
 
 __all__ = ["RunFigures", "Scores", "Verifier", "outcome_of", "rolled_back"]
