@@ -161,9 +161,16 @@ def test_output_selector_for_tuple_and_dict_models():
         jit_objective(DictNet(), x, 0.2, 3)
     with pytest.raises(JiTInputError, match=r"\(batch, classes\)"):
         jit_objective(TupleNet(), x, 0.2, 3, output_selector=0)
-    # A tuple of several tensors, e.g. (features, logits): which is meant cannot be guessed, so it is an error.
+    # A tuple whose only 2-D tensor is the logits: found without a selector.
+    torch.testing.assert_close(jit_objective(TupleNet(), x, 0.2, 3, generator=torch.Generator().manual_seed(0)), ref)
+
+    class TwoHeads(nn.Module):
+        def forward(self, x):
+            return base(x), 2 * base(x)
+
+    # Two (batch, k) tensors and no class count: which is meant cannot be guessed, so it is an error.
     with pytest.raises(JiTInputError, match="2 tensors.*output_selector"):
-        jit_objective(TupleNet(), x, 0.2, 3)
+        jit_objective(TwoHeads(), x, 0.2, 3)
 
 
 def test_select_output_defaults():
