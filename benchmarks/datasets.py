@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_jit import BatchFormat
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 from lightning_jit.demo.data import DigitsCNN, load_digits_split
 from lightning_jit.evaluation import fit_entropy_attack, prediction_entropy
 

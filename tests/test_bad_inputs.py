@@ -26,7 +26,7 @@ from lightning_jit import (
     JiTUnlearningCallback,
 )
 from lightning_jit.core.objective import jit_objective
-from lightning_jit.core.state import WeightSnapshot, weights_finite
+from lightning_jit.core.weights import WeightSnapshot, weights_finite
 
 CAMPAIGN = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 RUNS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

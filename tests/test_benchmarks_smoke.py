@@ -92,7 +92,7 @@ def test_breakdown_times_a_real_fit_and_puts_everything_back():
     from lightning_jit import JiTUnlearning
     from lightning_jit.core import engine
     from lightning_jit.core.cost import CostCounter
-    from lightning_jit.core.state import gradients_finite
+    from lightning_jit.core.weights import gradients_finite
     from lightning_jit.lightning.trainer import quiet_trainer
 
     kind = CostCounter.kind

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_jit import JiTSettings, JiTUnlearning, JiTUnlearningCallback, Outcome
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.outcome import JiTOutcomeWarning
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 from lightning_jit.demo.data import DigitsCNN, class_mask
 from lightning_jit.lightning.checkpoint import JIT_SAFETY_KEY, JIT_UNVERIFIED_KEY
 from lightning_jit.lightning.data import forget_loader

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import CollapseGuard, JiTDivergenceError, JiTSettings, JiTUnlearning
-from lightning_jit.core.state import WeightSnapshot, weights_finite
+from lightning_jit.core.weights import WeightSnapshot, weights_finite
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.checkpoint import JIT_SAFETY_KEY
 

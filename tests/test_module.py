@@ -13,7 +13,7 @@ from lightning_jit import JiTSettings, JiTUnlearning
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.noise import NoiseStream
 from lightning_jit.core.run.stopping import ForgetAccuracyWindow
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader
 

@@ -19,7 +19,7 @@ from lightning_jit import (
 )
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.outcome import JiTOutcomeWarning
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader
 from lightning_jit.lightning.ledger import AUDIT_FILENAME, read_audit

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from lightning_jit import JiTUnlearning, JiTUnlearningCallback, JiTUnlearningFailed, Outcome
 from lightning_jit.core.membership import membership_auc, sample_test
 from lightning_jit.core.outcome import JiTOutcomeWarning
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 
 # ---------------------------------------------------------------------------------------------------- the test itself
 

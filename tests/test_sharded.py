@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTUnlearning
 from lightning_jit.core.penalties import FrozenReference, call_with_state
-from lightning_jit.core.state import WeightSnapshot, is_sharded
+from lightning_jit.core.weights import WeightSnapshot, is_sharded
 from lightning_jit.demo.data import DigitsCNN
 from lightning_jit.lightning.distributed import check_strategy_support, shard_model
 

@@ -31,7 +31,7 @@ from lightning_jit.core.errors import JiTInputError, JiTSettingError, forward_fa
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome
 from lightning_jit.core.settings import JiTSettings
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 from lightning_jit.io import atomic_torch_save, file_sha256, json_safe
 from lightning_jit.lightning.module import JiTUnlearning
 

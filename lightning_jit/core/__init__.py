@@ -15,7 +15,7 @@ from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty
 from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import InputSite, ModuleSite, PerturbationSite, site_for
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 
 __all__ = [
     "BatchFormat",

@@ -11,7 +11,7 @@ a setting left to ``None``:
   names: :mod:`lightning_jit.core.site`);
 * the parameters the update touches (the last ``update_scope`` weight modules, in execution order);
 * the step size, at the first step (:func:`calibrate_step`): the normalised step
-  (:class:`~lightning_jit.core.step.NormalizedStep`) is scaled so that it moves the batch's predictions by a fixed
+  (:class:`~lightning_jit.core.optimizer.NormalizedStep`) is scaled so that it moves the batch's predictions by a fixed
   mean KL divergence (:data:`STEP_KL`).
 
 The constants were measured across datasets and models (``docs/results/generalise.md``); none is per dataset.

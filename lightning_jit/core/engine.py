@@ -38,6 +38,7 @@ from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.membership import SampleTest
+from lightning_jit.core.optimizer import make_optimizer
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
 from lightning_jit.core.run import resume as run_state
 from lightning_jit.core.run.budget import CostBound
@@ -53,9 +54,8 @@ from lightning_jit.core.run.update import Update
 from lightning_jit.core.run.verification import RunFigures, Verifier, outcome_of, rolled_back
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import site_for
-from lightning_jit.core.state import WeightSnapshot, normalization_mode, trainable_parameters
-from lightning_jit.core.state import weights_finite as _weights_finite
-from lightning_jit.core.step import make_optimizer
+from lightning_jit.core.weights import WeightSnapshot, normalization_mode, trainable_parameters
+from lightning_jit.core.weights import weights_finite as _weights_finite
 
 
 @dataclass
@@ -250,7 +250,7 @@ class JiTRun:
     def make_optimizer(self) -> Optimizer:
         """The run's optimizer over every trainable parameter (the run drops the gradients outside its update scope):
         the normalised step when ``lr`` is calibrated, else plain SGD at ``lr``
-        (:func:`~lightning_jit.core.step.make_optimizer`)."""
+        (:func:`~lightning_jit.core.optimizer.make_optimizer`)."""
         return make_optimizer(self.params, self.settings.lr)
 
     def run_passes(

@@ -24,7 +24,7 @@ from lightning_jit.core.checks import boolean, choice, in_range, integer, valida
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
 from lightning_jit.core.noise import resolve_perturbation
 from lightning_jit.core.site import InputSite, PerturbationSite
-from lightning_jit.core.state import normalization_mode, weights_finite
+from lightning_jit.core.weights import normalization_mode, weights_finite
 
 OnCollapse = Literal["halve_lr", "stop"]
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.errors import JiTSettingError
-from lightning_jit.core.state import is_sharded
+from lightning_jit.core.weights import is_sharded
 
 #: Held-out samples whose margin gradients span the directions the update must not take.
 MAX_BASIS = 256

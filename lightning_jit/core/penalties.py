@@ -13,7 +13,7 @@ from lightning_jit.core.batch import OutputSelector, check_logits, select_output
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
 from lightning_jit.core.settings import Reduction
 from lightning_jit.core.site import InputSite, PerturbationSite
-from lightning_jit.core.state import is_sharded, local_shard, normalization_mode, reshard
+from lightning_jit.core.weights import is_sharded, local_shard, normalization_mode, reshard
 
 
 class FrozenReference:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 from lightning_jit.lightning.trainer import quiet_trainer
 
 #: Per-pixel scale of scikit-learn's digits (values are integers 0..16).

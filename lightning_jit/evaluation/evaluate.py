@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import BatchFormat, as_class_labels, batch_size, describe_input, move, tensors
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.outcome import Verification
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 from lightning_jit.evaluation.functional import SPLITS, activation_distance, random_copy, warn_if_useless_attack
 from lightning_jit.evaluation.information import check_tau, layer_features, sample_information, split_by_information
 from lightning_jit.evaluation.metrics import (

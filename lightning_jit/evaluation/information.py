@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 
 #: Rows of the distance matrix computed at once.
 DEFAULT_BLOCK = 2048

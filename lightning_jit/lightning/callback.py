@@ -38,7 +38,7 @@ from lightning_jit.core.errors import forward_failure
 from lightning_jit.core.guard import CollapseGuard, check_monitor
 from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
-from lightning_jit.core.state import normalization_mode, trainable_parameters
+from lightning_jit.core.weights import normalization_mode, trainable_parameters
 from lightning_jit.io import file_sha256
 from lightning_jit.lightning.distributed import check_strategy, collectives, gradient_scaler
 from lightning_jit.lightning.launcher import expect_from_rank_zero, send_to_launcher

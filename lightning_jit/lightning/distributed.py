@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_jit.core.run.collectives import Collectives
-from lightning_jit.core.state import is_sharded
+from lightning_jit.core.weights import is_sharded
 
 #: Precisions the JiT step is tested under. Others run with a warning.
 SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")

@@ -22,10 +22,10 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.guard import CollapseGuard, check_monitor
+from lightning_jit.core.optimizer import make_optimizer
 from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
-from lightning_jit.core.state import trainable_parameters
-from lightning_jit.core.step import make_optimizer
+from lightning_jit.core.weights import trainable_parameters
 from lightning_jit.io import json_safe
 from lightning_jit.lightning.checkpoint import (
     JIT_RUN_STATE_KEY,

@@ -26,7 +26,7 @@ from lightning_jit.core.run.sample_request import SampleRequest
 from lightning_jit.core.run.survey import Calibration
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import InputSite, PerturbationSite
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 
 
 def noise_norm(sigma: float, x: Tensor, site: PerturbationSite | None = None) -> float:

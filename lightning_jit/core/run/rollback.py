@@ -17,7 +17,7 @@ from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
 from lightning_jit.core.probes import ProbeDistillation
 from lightning_jit.core.run.collectives import Collectives, ForwardContext
 from lightning_jit.core.site import PerturbationSite
-from lightning_jit.core.state import WeightSnapshot
+from lightning_jit.core.weights import WeightSnapshot
 
 
 @dataclass

@@ -16,7 +16,7 @@ from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.outcome import Outcome, Verification
 from lightning_jit.core.run.collectives import Collectives, ForwardContext, gather
 from lightning_jit.core.run.verification import Scores, Verifier
-from lightning_jit.core.state import normalization_mode
+from lightning_jit.core.weights import normalization_mode
 
 #: Why a sample request without held-out data ends ``unverifiable``.
 UNVERIFIABLE_REASON = (

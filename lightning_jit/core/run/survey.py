@@ -19,11 +19,11 @@ from lightning_jit.core import matching as sample_matching
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import ForgetSurvey, calibrate_step, kl_moved, scoped_parameters, survey_forget_set
 from lightning_jit.core.cost import CostCounter
+from lightning_jit.core.optimizer import NormalizedStep
 from lightning_jit.core.run.collectives import Collectives, cpu_generator, take_shard
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import PerturbationSite
-from lightning_jit.core.state import normalization_mode
-from lightning_jit.core.step import NormalizedStep
+from lightning_jit.core.weights import normalization_mode
 
 
 class Calibration:

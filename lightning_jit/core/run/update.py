@@ -19,7 +19,7 @@ from lightning_jit.core.run.loss import LossAssembly
 from lightning_jit.core.run.sample_request import SampleRequest
 from lightning_jit.core.run.survey import Calibration
 from lightning_jit.core.settings import JiTSettings
-from lightning_jit.core.state import gradients_finite, normalization_mode
+from lightning_jit.core.weights import gradients_finite, normalization_mode
 
 
 class Update:
