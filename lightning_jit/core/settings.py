@@ -82,9 +82,9 @@ class JiTSettings:
     Args:
         sigma: Std of the input perturbations, in the units of the (normalised) input. ``None``: one std of the
             forget inputs.
-        lr: Step size. ``None``: the normalised step (:class:`~lightning_jit.core.optimizer.NormalizedStep`), calibrated at
-            the first step so that it moves the batch's predictions by a fixed small KL divergence. A number: plain
-            SGD at that step size (the reference's update), unless the front is given an ``optimizer``.
+        lr: Step size. ``None``: the normalised step (:class:`~lightning_jit.core.optimizer.NormalizedStep`),
+            calibrated at the first step so that it moves the batch's predictions by a fixed small KL divergence. A
+            number: plain SGD at that step size (the reference's update), unless the front is given an ``optimizer``.
         n_perturbations: ``N``, perturbations drawn per forget sample and step.
         epochs: Most passes over the forget set. ``None``: as many as ``max_cost`` allows (the run stops as soon as
             the forget set is verified forgotten).

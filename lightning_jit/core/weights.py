@@ -1,4 +1,4 @@
-"""The model's weights during a run: weight snapshots, finiteness checks, trainable parameters and the train/eval mode."""
+"""The model's weights during a run: snapshots, finiteness checks, trainable parameters and the train/eval mode."""
 
 from __future__ import annotations
 
