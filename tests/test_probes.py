@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import BatchFormat, JiTSettings, JiTUnlearning
 from lightning_jit.core.objective import jit_objective
-from lightning_jit.core.penalties import FrozenReference
 from lightning_jit.core.probes import ProbeDistillation, counterfactual_probes
+from lightning_jit.core.reference import FrozenReference
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader
 

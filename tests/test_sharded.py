@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTUnlearning
-from lightning_jit.core.penalties import FrozenReference, call_with_state
+from lightning_jit.core.reference import FrozenReference, call_with_state
 from lightning_jit.core.weights import WeightSnapshot, is_sharded
 from lightning_jit.demo.data import DigitsCNN
 from lightning_jit.lightning.distributed import check_strategy_support, shard_model

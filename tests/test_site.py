@@ -24,8 +24,9 @@ from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.guard import CollapseCheck, CollapseGuard
 from lightning_jit.core.noise import sample_seed
 from lightning_jit.core.objective import jit_objective
-from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty
+from lightning_jit.core.penalties import logit_norm_penalty
 from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
+from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.settings import settings_parser
 from lightning_jit.core.site import InputSite, ModuleSite, site_for
 from lightning_jit.demo.data import load_digits_split

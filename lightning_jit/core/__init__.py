@@ -11,8 +11,9 @@ from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSett
 from lightning_jit.core.guard import CollapseGuard
 from lightning_jit.core.noise import register_perturbation
 from lightning_jit.core.objective import jit_objective
-from lightning_jit.core.penalties import FrozenReference, logit_norm_penalty
+from lightning_jit.core.penalties import logit_norm_penalty
 from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
+from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import InputSite, ModuleSite, PerturbationSite, site_for
 from lightning_jit.core.weights import WeightSnapshot

@@ -114,7 +114,7 @@ def survey_forget_set(
     classes are the original's predictions). Labelled batches after the first are not sent through the model.
 
     Args:
-        reference: The original model's forward (e.g. a :class:`~lightning_jit.core.penalties.FrozenReference`);
+        reference: The original model's forward (e.g. a :class:`~lightning_jit.core.reference.FrozenReference`);
             it runs ``model``'s modules, so hooks on them see the pass.
         model: The model whose weight modules are recorded in execution order.
         forget: The forget batches.

@@ -71,7 +71,7 @@ def synthesize_class_probes(
 
     Args:
         model: The trained classifier (before unlearning), or a callable that evaluates it with gradients flowing to
-            its input (e.g. :meth:`~lightning_jit.core.penalties.FrozenReference.differentiable`), which then sets
+            its input (e.g. :meth:`~lightning_jit.core.reference.FrozenReference.differentiable`), which then sets
             its own mode.
         classes: The classes to probe, e.g. every class but the forgotten ones.
         like: Real inputs (e.g. the forget set) that give the probes' shape, dtype, device and scale.
@@ -174,7 +174,7 @@ def counterfactual_probes(
 
     Args:
         reference: The original model, differentiable in its input
-            (:meth:`~lightning_jit.core.penalties.FrozenReference.differentiable`).
+            (:meth:`~lightning_jit.core.reference.FrozenReference.differentiable`).
         starts: Forget inputs to start from.
         classes: The kept classes.
         per_class: Probes per class.
@@ -277,7 +277,7 @@ class ProbeDistillation:
         site: PerturbationSite | None = None,
     ) -> ProbeDistillation:
         """Synthesise the probes of ``classes`` from the forget inputs ``starts`` and the original model
-        ``reference`` (a :class:`~lightning_jit.core.penalties.FrozenReference`), at most :data:`MAX_PROBES` in all,
+        ``reference`` (a :class:`~lightning_jit.core.reference.FrozenReference`), at most :data:`MAX_PROBES` in all,
         :data:`SYNTHESIS_CHUNK` at a time. With a module ``site`` the probes live in its module's output space: they
         start where the forget inputs reach it, and ``std`` is in its units.
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import ForgetSurvey
 from lightning_jit.core.cost import CostCounter
-from lightning_jit.core.penalties import FrozenReference
 from lightning_jit.core.probes import ProbeDistillation
+from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.run.collectives import cpu_generator
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import PerturbationSite

@@ -20,7 +20,7 @@ from lightning_jit.core.guard import monitor_logits
 from lightning_jit.core.matching import label_margin
 from lightning_jit.core.membership import SampleTest
 from lightning_jit.core.outcome import Outcome, Verification
-from lightning_jit.core.penalties import call_with_state
+from lightning_jit.core.reference import call_with_state
 from lightning_jit.core.run.collectives import Collectives, ForwardContext, gather, take_shard, to_device, within
 from lightning_jit.core.weights import normalization_mode
 
