@@ -48,7 +48,7 @@ from benchmarks import datasets as D
 from benchmarks._run import start_benchmark
 from benchmarks.reference_port import reference_unlearn
 from lightning_jit import JiTSettings, JiTUnlearning
-from lightning_jit.core.calibration import batch_size_for
+from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.cost import CostCounter, reference_cost
 from lightning_jit.lightning.trainer import quiet_trainer
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning_jit
 from lightning_jit import JiTInputError, JiTSettings, JiTUnlearning, JiTUnlearningCallback
-from lightning_jit.core.calibration import batch_size_for
+from lightning_jit.core.batching import batch_size_for
 from lightning_jit.demo.data import DigitsCNN, accuracy
 from lightning_jit.io import file_sha256
 from lightning_jit.lightning.ledger import AUDIT_FILENAME, content_id, read_audit

@@ -31,7 +31,7 @@ from lightning_jit.cli.forget import dataset_labels, read_ids_file, select_forge
 from lightning_jit.cli.migration import MOVED, REMOVED
 from lightning_jit.cli.trainer import unlearn_groups
 from lightning_jit.core.batch import BatchFormat
-from lightning_jit.core.calibration import batch_size_for
+from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.outcome import JiTUnlearningFailed
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.demo.data import DigitsCNN, DigitsDataModule, accuracy

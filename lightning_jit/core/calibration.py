@@ -45,10 +45,6 @@ STEP_SEARCH = (1e-5, 1.0, 8)
 RANDOM_STEP = 1e-3
 #: The target of a class task when ``target_forget_accuracy`` is not given (percent still recognised).
 CLASS_TARGET = 2.5
-#: When the library batches the forget set itself (the callback, the command line): this many steps per pass, at most
-#: this many samples per batch.
-STEPS_PER_PASS = 8
-MAX_BATCH = 256
 #: The modules whose parameters the update may touch, counted from the end of the forward pass.
 WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -221,16 +217,6 @@ def _reservoir(
             if j < size:
                 kept[j] = row.clone()
     return kept, drawn
-
-
-def batch_size_for(n_forget: int) -> int:
-    """The forget batch size when the library batches the forget set: :data:`STEPS_PER_PASS` steps per pass.
-
-    Example:
-        >>> batch_size_for(135), batch_size_for(3), batch_size_for(100_000)
-        (17, 1, 256)
-    """
-    return max(1, min(MAX_BATCH, math.ceil(int(n_forget) / STEPS_PER_PASS)))
 
 
 def scoped_parameters(model: nn.Module, modules: list[nn.Module], scope: int | None) -> list[nn.Parameter]:

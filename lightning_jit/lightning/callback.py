@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
 
 from lightning_jit.core.batch import BatchFormat
-from lightning_jit.core.calibration import batch_size_for
+from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.engine import JiTRun, StepReport
 from lightning_jit.core.errors import forward_failure
 from lightning_jit.core.guard import CollapseGuard, check_monitor
@@ -178,8 +178,8 @@ class JiTUnlearningCallback(Callback):
         when: ``"fit_start"``, ``"train_epoch_end"`` or ``"fit_end"`` (see above).
         ids: One id (int or str) per sample of the forget set, when its items do not carry them.
         batch_size: Batch size when ``forget`` is (or returns) a ``Dataset``. ``None``: the pending samples in
-            :data:`~lightning_jit.core.calibration.STEPS_PER_PASS` batches (at most
-            :data:`~lightning_jit.core.calibration.MAX_BATCH` samples each).
+            :data:`~lightning_jit.core.batching.STEPS_PER_PASS` batches (at most
+            :data:`~lightning_jit.core.batching.MAX_BATCH` samples each).
         batch_format: How batches and outputs are read (:class:`~lightning_jit.core.batch.BatchFormat`). With a
             ``batch_to_input``, batches that are not dicts are passed to it unchanged, and the noise comes from a
             generator seeded with ``seed`` instead of being keyed by id.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_jit.core.calibration import MAX_BATCH, STEPS_PER_PASS, batch_size_for
+from lightning_jit.core.batching import MAX_BATCH, STEPS_PER_PASS, batch_size_for
 
 
 class EpochShuffle(Sampler[int]):
@@ -59,8 +59,8 @@ class FirstBatches:
 
 def forget_loader(dataset: Dataset, *, batch_size: int | None = None, seed: int = 0, **kwargs: Any) -> DataLoader:
     """A ``DataLoader`` over the forget set as the calibrated defaults were measured with: about
-    :data:`~lightning_jit.core.calibration.STEPS_PER_PASS` batches per pass (at most
-    :data:`~lightning_jit.core.calibration.MAX_BATCH` samples each), reshuffled at every pass from ``(seed, pass)``
+    :data:`~lightning_jit.core.batching.STEPS_PER_PASS` batches per pass (at most
+    :data:`~lightning_jit.core.batching.MAX_BATCH` samples each), reshuffled at every pass from ``(seed, pass)``
     (:class:`EpochShuffle`, so that a resumed run reads the same batches as an uninterrupted one).
 
     Any loader works with :class:`~lightning_jit.lightning.module.JiTUnlearning`; this one is the documented path for a

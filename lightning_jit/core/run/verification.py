@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_jit.core import calibration
+from lightning_jit.core import batching
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
@@ -142,7 +142,7 @@ class Verifier:
     ) -> Verification:
         """The share of the forget set the current weights still recognise (a no-grad pass, booked under ``kind``;
         consecutive small batches go through the model together, up to
-        :data:`~lightning_jit.core.calibration.MAX_BATCH` samples at a time).
+        :data:`~lightning_jit.core.batching.MAX_BATCH` samples at a time).
 
         A sample is *recognised* when the model predicts its label (or, for unlabelled batches, the class the model
         predicted before the run: ``original``, its weights). Under DDP each process measures its share of the
@@ -161,7 +161,7 @@ class Verifier:
             return x, labels
 
         with normalization_mode(self.model, "eval"), self.cost.kind(kind):
-            for x, labels in coalesced((share(batch) for batch in forget), calibration.MAX_BATCH):
+            for x, labels in coalesced((share(batch) for batch in forget), batching.MAX_BATCH):
                 with within(forward_context):
                     logits = fmt.logits(self.model(x), x.shape[0]).float()
                     if labels is None and original is not None:
@@ -253,14 +253,14 @@ class Verifier:
 
     def recognised(self, x: Tensor, labels: Tensor, forward_context: ForwardContext) -> tuple[float, float]:
         """How many of the held samples ``x`` the current weights give their ``labels``, and how many there are, over
-        all processes (a no-grad pass in eval mode, :data:`~lightning_jit.core.calibration.MAX_BATCH` at a time,
+        all processes (a no-grad pass in eval mode, :data:`~lightning_jit.core.batching.MAX_BATCH` at a time,
         counted as retain cost)."""
         hits = torch.zeros(2, dtype=torch.float64, device=x.device)
         with torch.no_grad(), normalization_mode(self.model, "eval"), within(forward_context), self.cost.kind("retain"):
-            for i in range(0, x.shape[0], calibration.MAX_BATCH):
-                chunk = x[i : i + calibration.MAX_BATCH]
+            for i in range(0, x.shape[0], batching.MAX_BATCH):
+                chunk = x[i : i + batching.MAX_BATCH]
                 logits = self.batch_format.logits(self.model(chunk), chunk.shape[0])
-                hits[0] += (logits.argmax(1) == labels[i : i + calibration.MAX_BATCH]).sum()
+                hits[0] += (logits.argmax(1) == labels[i : i + batching.MAX_BATCH]).sum()
                 hits[1] += chunk.shape[0]
         if self.collectives.world_size > 1:
             hits = self.collectives.sum(hits)
