@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from benchmarks.reference_port import reference_step
-from lightning_jit import CollapseGuard, JiTRun, JiTSettings
+from lightning_jit import GuardSettings, JiTRun, JiTSettings
 
 #: (channels, height, width) of each benchmark model's input.
 INPUT_SHAPES = {"digits": (1, 8, 8), "resnet18": (3, 32, 32), "vit_b_16": (3, 224, 224)}
@@ -95,7 +95,7 @@ def make_methods(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6)
     autocast = _autocast(device, precision)
-    off = CollapseGuard(enabled=False)
+    off = GuardSettings(enabled=False)
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()

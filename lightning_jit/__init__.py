@@ -29,7 +29,7 @@ from lightning_jit._version import __version__
 _EXPORTS = {
     "AtomicCheckpointIO": "lightning_jit.lightning.checkpoint",
     "BatchFormat": "lightning_jit.core.batch",
-    "CollapseGuard": "lightning_jit.core.guard",
+    "GuardSettings": "lightning_jit.core.guard",
     "JiTDivergenceError": "lightning_jit.core.errors",
     "JiTInputError": "lightning_jit.core.errors",
     "JiTRun": "lightning_jit.core.engine",
@@ -52,7 +52,7 @@ _EXPORTS = {
 __all__ = [
     "AtomicCheckpointIO",
     "BatchFormat",
-    "CollapseGuard",
+    "GuardSettings",
     "JiTDivergenceError",
     "JiTInputError",
     "JiTRun",
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from lightning_jit.core.batch import BatchFormat
     from lightning_jit.core.engine import JiTRun
     from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError
-    from lightning_jit.core.guard import CollapseGuard
+    from lightning_jit.core.guard import GuardSettings
     from lightning_jit.core.noise import register_perturbation
     from lightning_jit.core.objective import jit_objective
     from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
@@ -94,7 +94,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'lightning_jit' has no attribute {name!r}")
+    # The old public names (``CollapseGuard``): :mod:`lightning_jit.core.renamed`.
+    from lightning_jit.core.renamed import renamed
+
+    return renamed(name, "lightning_jit")
 
 
 def __dir__() -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_jit import CollapseGuard, JiTSettings
+from lightning_jit import GuardSettings, JiTSettings
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.noise import PERTURBATIONS, NoiseStream, register_perturbation
 
@@ -35,7 +35,7 @@ def _batches(n_batches=2, batch=6, label=0):
 def _run(settings, batches, guard=None, epochs=1):
     net = _net()
     counter = SampleCounter(net)
-    run = JiTRun(net, settings, guard=guard if guard is not None else CollapseGuard(enabled=False))
+    run = JiTRun(net, settings, guard=guard if guard is not None else GuardSettings(enabled=False))
     run.start(batches)
     opt = run.make_optimizer()
     for epoch in range(epochs):
@@ -67,7 +67,7 @@ def test_plain_jit_costs_the_reference_pass_per_step():
 def test_every_kind_of_work_is_counted_and_nothing_else():
     """The defaults (penalty, probes, guard): the counter's total equals an independent hook's, kind by kind."""
     settings = JiTSettings(n_perturbations=3, probes_per_class=2)
-    run, counter = _run(settings, _batches(2, 6), guard=CollapseGuard(n_noise_probes=8, check_every=1))
+    run, counter = _run(settings, _batches(2, 6), guard=GuardSettings(n_noise_probes=8, check_every=1))
     counts = run.cost.counts
     assert counts["penalty"] == 2 * 6 * (3 + 2)  # per sample: a noisy copy with backward, two frozen passes
     assert counts["probes"] == 2 * 3 * 3  # ceil(0.5 * 6) probes a step, forward and backward
@@ -103,7 +103,7 @@ def test_a_finished_run_is_never_undone_and_a_step_needs_a_started_run():
 
 def test_an_error_that_is_not_the_batch_keeps_its_type():
     """Only an error the batch causes is reported as a batch problem; e.g. a failing backward keeps its own."""
-    run = JiTRun(_net(), JiTSettings.plain(sigma=0.3, lr=0.5), guard=CollapseGuard(enabled=False))
+    run = JiTRun(_net(), JiTSettings.plain(sigma=0.3, lr=0.5), guard=GuardSettings(enabled=False))
     run.start()
 
     def broken_backward(loss):
@@ -125,7 +125,7 @@ def test_verification_of_small_batches_counts_every_sample_once():
     counter = SampleCounter(net)
     calls = []
     net.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    run = JiTRun(net, JiTSettings.plain(sigma=0.3, lr=0.01, task="class"), guard=CollapseGuard(enabled=False))
+    run = JiTRun(net, JiTSettings.plain(sigma=0.3, lr=0.01, task="class"), guard=GuardSettings(enabled=False))
     run.start(batches)
     calls.clear()
     verification = run.finish()

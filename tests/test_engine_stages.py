@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_jit import BatchFormat, CollapseGuard, JiTSettings
+from lightning_jit import BatchFormat, GuardSettings, JiTSettings
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.objective import jit_objective
@@ -115,7 +115,7 @@ def _scenario(name: str, digits) -> JiTRun:
         settings = JiTSettings.plain(sigma=0.1, lr=0.3, n_perturbations=8, epochs=4, target_forget_accuracy=0.0, seed=0)
         settings = settings.replace(on_unverified="keep")  # the weights the guard left, not those from before
         monitor = _batches(xt[yt != 3], yt[yt != 3], 200)
-        run = JiTRun(model, settings, guard=CollapseGuard(check_every=1, max_drop=2.0), monitor=monitor)
+        run = JiTRun(model, settings, guard=GuardSettings(check_every=1, max_drop=2.0), monitor=monitor)
     elif name == "resume":  # two steps, a checkpoint through torch.save, a fresh engine that resumes and finishes
         settings = JiTSettings(seed=0, epochs=3, on_unverified="keep")
         first = JiTRun(model, settings)

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import CollapseGuard, JiTDivergenceError, JiTSettings, JiTUnlearning
+from lightning_jit import GuardSettings, JiTDivergenceError, JiTSettings, JiTUnlearning
 from lightning_jit.core.weights import WeightSnapshot, weights_finite
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.checkpoint import JIT_SAFETY_KEY
@@ -195,7 +195,7 @@ def test_outcome_is_written_into_the_checkpoint(trained_cnn, digits, tmp_path):
 )
 def test_guard_arguments_are_validated(kwargs, name):
     with pytest.raises(MisconfigurationException, match=f"`{name}`"):
-        CollapseGuard(**kwargs)
+        GuardSettings(**kwargs)
 
 
 @pytest.mark.parametrize("monitor", [torch.randn(4, 3), "val.pt"])

@@ -11,8 +11,9 @@ from _utils import assert_same_weights, quiet_trainer, sgd_by_hand
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import BatchFormat, JiTSettings, JiTUnlearning
+from lightning_jit.core.distillation import DistillationSet
 from lightning_jit.core.objective import jit_objective
-from lightning_jit.core.probes import ProbeDistillation, counterfactual_probes
+from lightning_jit.core.probes import counterfactual_probes
 from lightning_jit.core.reference import FrozenReference
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.lightning.data import forget_loader
@@ -53,7 +54,7 @@ def test_loss_is_the_mean_kl_over_this_steps_probes_taken_in_turn(trained_cnn, d
     frozen = copy.deepcopy(trained_cnn).eval()
     reference = FrozenReference(trained_cnn)
     starts = digits.x_train[class_mask(digits.y_train, [3])][:16]
-    distill = ProbeDistillation.synthesise(reference, starts, [0, 1, 2], 4, std=1.0, generator=torch.Generator())
+    distill = DistillationSet.synthesise(reference, starts, [0, 1, 2], 4, std=1.0, generator=torch.Generator())
     assert distill.probes.shape == (12, 1, 8, 8)
     assert float(distill.loss(trained_cnn, batch_size=8)) == pytest.approx(0.0, abs=1e-6)  # unmoved: no cost
     moved = _moved(trained_cnn, scale=0.3).eval()
@@ -69,7 +70,7 @@ def test_many_classes_get_fewer_probes_synthesised_in_chunks():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3000))
     reference = FrozenReference(net)
-    distill = ProbeDistillation.synthesise(reference, torch.randn(4, 1, 4, 4), list(range(3000)), 4, std=1.0)
+    distill = DistillationSet.synthesise(reference, torch.randn(4, 1, 4, 4), list(range(3000)), 4, std=1.0)
     assert distill.probes.shape[0] == 3000  # at most MAX_PROBES // classes = 0 -> 1 per class
 
 
@@ -173,7 +174,7 @@ def test_retain_is_held_at_the_original_outputs_and_changes_the_run(trained_cnn,
 def test_retain_batches_are_read_with_the_batch_format(trained_cnn, digits):
     keep = DataLoader([{"pixels": xi} for xi in digits.x_train[:10]], batch_size=5)
     reference = FrozenReference(trained_cnn)
-    held = ProbeDistillation.from_retain(
+    held = DistillationSet.from_retain(
         reference, keep, BatchFormat(input_key="pixels"), device=torch.device("cpu"), limit=7
     )
     assert held.probes.shape == (7, 1, 8, 8)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from lightning_jit import BatchFormat, CollapseGuard, JiTSettingError, JiTSettings
+from lightning_jit import BatchFormat, GuardSettings, JiTSettingError, JiTSettings
 from lightning_jit.core.settings import dump_settings, load_settings, split_settings
 
 
@@ -58,7 +58,7 @@ def test_keywords_go_to_the_declaration_that_has_them():
     )
     assert (settings.sigma, settings.lr, settings.n_perturbations) == (0.1, 0.5, 4)  # the object, overridden
     assert fmt == BatchFormat(label_key="y")
-    assert guard == CollapseGuard(enabled=False, max_drop=5.0)
+    assert guard == GuardSettings(enabled=False, max_drop=5.0)
 
 
 def test_unknown_keyword_names_the_closest_setting():
@@ -68,7 +68,7 @@ def test_unknown_keyword_names_the_closest_setting():
 
 def test_setting_names_are_unique_across_the_declarations():
     """Keyword routing needs it: a name declared twice could not be routed (it happened: the guard's `seed`)."""
-    names = [f.name for decl in (JiTSettings, BatchFormat, CollapseGuard) for f in dataclasses.fields(decl)]
+    names = [f.name for decl in (JiTSettings, BatchFormat, GuardSettings) for f in dataclasses.fields(decl)]
     assert len(names) == len(set(names))
 
 

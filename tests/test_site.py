@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit import JiTInputError, JiTSettingError, JiTSettings, JiTUnlearning, JiTUnlearningCallback
 from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.distillation import DistillationSet
 from lightning_jit.core.engine import JiTRun
-from lightning_jit.core.guard import CollapseCheck, CollapseGuard
+from lightning_jit.core.guard import CollapseCheck, GuardSettings
 from lightning_jit.core.noise import sample_seed
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import logit_norm_penalty
-from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
+from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.settings import settings_parser
 from lightning_jit.core.site import InputSite, ModuleSite, site_for
@@ -270,7 +271,7 @@ def test_objective_against_a_per_sample_loop_of_hooked_forwards(token_model, tok
 
 def test_sigma_and_dimension_come_from_the_embedding_output(token_model, tokens):
     settings = JiTSettings(perturb_at="embedding", epochs=1, probe_distillation=0.0)
-    run = JiTRun(token_model, settings, guard=CollapseGuard(enabled=False))
+    run = JiTRun(token_model, settings, guard=GuardSettings(enabled=False))
     run.start(_forget(tokens))
     x_tr, y_tr, _, _ = tokens
     with torch.no_grad():
@@ -316,14 +317,14 @@ def test_class_probes_and_guard_probes_live_in_embedding_space(token_model, toke
     site = ModuleSite(token_model, "embedding")
     with torch.no_grad():
         std = float(token_model.embedding(x).std())
-    distill = ProbeDistillation.synthesise(FrozenReference(token_model), x, [0, 1, 2], 4, std=std, site=site)
+    distill = DistillationSet.synthesise(FrozenReference(token_model), x, [0, 1, 2], 4, std=std, site=site)
     assert distill.probes.shape == (12, 64, 16) and distill.probes.is_floating_point()
     with torch.no_grad():
         predicted = site.run(token_model, distill.probes).argmax(1)
     assert (predicted == distill.classes).float().mean() >= 0.75
     assert distill.loss(token_model, batch_size=8).item() == pytest.approx(0.0, abs=1e-6)  # nothing moved yet
 
-    check = CollapseCheck(CollapseGuard(), BatchFormat(), site=site)
+    check = CollapseCheck(GuardSettings(), BatchFormat(), site=site)
     check.begin(token_model, x)
     forget_probes, noise_probes = check._probes
     assert torch.equal(forget_probes, x) and noise_probes.shape == (32, 64, 16)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_jit.core.calibration import CLASS_TARGET
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.settings import JiTSettings, field_names, load_settings
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
@@ -418,10 +418,10 @@ def test_random_task_needs_unseen_data_and_measures_the_confidence_gap(trained_c
 
 
 def test_every_setting_of_the_search_has_one_declaration():
-    """The search's own settings are ``TuneSettings``; the trials' are ``JiTSettings`` and ``CollapseGuard``. No
+    """The search's own settings are ``TuneSettings``; the trials' are ``JiTSettings`` and ``GuardSettings``. No
     function of the tuner restates a default of theirs, and ``tune_jit``'s keywords reach the declaration of their
     name."""
-    declared = {*field_names(TuneSettings), *field_names(JiTSettings), *field_names(CollapseGuard)}
+    declared = {*field_names(TuneSettings), *field_names(JiTSettings), *field_names(GuardSettings)}
     for function in (tune_jit, Judge.__init__, Criterion, split_tune_settings):
         restated = [
             name

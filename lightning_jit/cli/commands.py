@@ -52,7 +52,7 @@ from lightning_jit.cli.migration import check_key
 from lightning_jit.cli.trainer import UNLEARN_RECORD_KEY
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTDivergenceError, JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.outcome import JiTUnlearningFailed
 from lightning_jit.lightning.checkpoint import recorded_batch_format
 
@@ -459,7 +459,7 @@ def tune(
     configured_task = job.jit.get("task") if job.jit.get("task") in ("class", "random") else None
     task = task or configured_task or ("class" if job.forget.classes else "random")
     settings = {k: v for k, v in job.jit.items() if k not in PER_TRIAL and k not in own}
-    for given, default in ((job.batch_format, BatchFormat()), (guard, CollapseGuard())):
+    for given, default in ((job.batch_format, BatchFormat()), (guard, GuardSettings())):
         settings.update(_changed(given, default))
     data: dict[str, Any] = {}
     if monitor is not None:

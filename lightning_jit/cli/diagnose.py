@@ -100,8 +100,8 @@ def explain(
             flags outside the groups are not checked.
 
     Example:
-        >>> from lightning_jit.core.guard import CollapseGuard
-        >>> err = explain(given_values(["--guard.check_every=abc"]), {"guard": CollapseGuard}, {})
+        >>> from lightning_jit.core.guard import GuardSettings
+        >>> err = explain(given_values(["--guard.check_every=abc"]), {"guard": GuardSettings}, {})
         >>> err.flag, err.message
         ('--guard.check_every', "expects int, got 'abc'.")
     """

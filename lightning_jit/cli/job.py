@@ -21,7 +21,7 @@ from lightning_jit.cli.forget import ForgetSelection, select_forget_loader
 from lightning_jit.cli.trainer import unlearn_groups
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 
 __all__ = ["UnlearnJob", "load_job"]
 
@@ -50,7 +50,7 @@ class UnlearnJob:
     datamodule: pl.LightningDataModule
     forget: ForgetSelection
     batch_format: BatchFormat
-    guard: CollapseGuard
+    guard: GuardSettings
     jit: dict[str, Any] = field(default_factory=dict)
 
     def load(self, flag: str, ckpt_path: str) -> pl.LightningModule:

@@ -2,7 +2,7 @@
 
 0.1 put the batch layout and the collapse guard's switches under ``jit:``; 0.2 gives each its own group
 (``batch:``, ``guard:``), read from :class:`~lightning_jit.core.batch.BatchFormat` and
-:class:`~lightning_jit.core.guard.CollapseGuard`. An old key is a usage error (exit code 2) whose one line says
+:class:`~lightning_jit.core.guard.GuardSettings`. An old key is a usage error (exit code 2) whose one line says
 where it went, never a silent default.
 """
 

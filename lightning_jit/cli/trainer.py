@@ -3,7 +3,7 @@
 The method's signature is the subcommand's interface: LightningCLI builds ``--jit.*``, ``--batch.*``, ``--guard.*``
 and ``--forget.*`` (and their ``--help``) from the typed dataclasses it takes, each declared once
 (:class:`~lightning_jit.core.settings.JiTSettings`, :class:`~lightning_jit.core.batch.BatchFormat`,
-:class:`~lightning_jit.core.guard.CollapseGuard`, :class:`~lightning_jit.cli.forget.ForgetSelection`).
+:class:`~lightning_jit.core.guard.GuardSettings`, :class:`~lightning_jit.cli.forget.ForgetSelection`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lightning_jit.cli.forget import ForgetSelection, select_forget_loader
 from lightning_jit.cli.run_files import RunFiles
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, forward_failure
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.weights import normalization_mode
@@ -57,7 +57,7 @@ class JiTTrainer(pl.Trainer):
         *,
         jit: JiTSettings,
         batch: BatchFormat = BatchFormat(),
-        guard: CollapseGuard = CollapseGuard(),
+        guard: GuardSettings = GuardSettings(),
         forget: ForgetSelection,
         ckpt_path: str | None = None,
         output: str | None = None,

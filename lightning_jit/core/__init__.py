@@ -1,19 +1,23 @@
 """The JiT method in pure torch: settings, batch format, noise, objective, retain terms, guard and run engine.
 
-Nothing here depends on Lightning but its configuration exception; the Lightning fronts
+Nothing here depends on Lightning but its configuration exception and its deprecation warning; the Lightning fronts
 (:mod:`lightning_jit.lightning`) hand the run engine what only a Trainer knows.
 """
 
+from typing import Any
+
 from lightning_jit.core.batch import BatchFormat, select_output
 from lightning_jit.core.cost import CostCounter, reference_cost
+from lightning_jit.core.distillation import DistillationSet
 from lightning_jit.core.engine import Collectives, JiTRun, StepReport
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import CollapseCheck, GuardSettings
 from lightning_jit.core.noise import register_perturbation
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import logit_norm_penalty
-from lightning_jit.core.probes import ProbeDistillation, probe_confidence, synthesize_class_probes
+from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.reference import FrozenReference
+from lightning_jit.core.renamed import renamed
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import InputSite, ModuleSite, PerturbationSite, site_for
 from lightning_jit.core.weights import WeightSnapshot
@@ -21,9 +25,11 @@ from lightning_jit.core.weights import WeightSnapshot
 __all__ = [
     "BatchFormat",
     "Collectives",
-    "CollapseGuard",
+    "CollapseCheck",
     "CostCounter",
+    "DistillationSet",
     "FrozenReference",
+    "GuardSettings",
     "InputSite",
     "JiTDivergenceError",
     "JiTInputError",
@@ -32,7 +38,6 @@ __all__ = [
     "JiTSettings",
     "ModuleSite",
     "PerturbationSite",
-    "ProbeDistillation",
     "StepReport",
     "WeightSnapshot",
     "jit_objective",
@@ -44,3 +49,8 @@ __all__ = [
     "site_for",
     "synthesize_class_probes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The old public names (``CollapseGuard``, ``ProbeDistillation``): :mod:`lightning_jit.core.renamed`.
+    return renamed(name, __name__)

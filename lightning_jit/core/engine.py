@@ -36,7 +36,7 @@ from lightning_jit.core import matching as sample_matching
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.membership import SampleTest
 from lightning_jit.core.optimizer import make_optimizer
 from lightning_jit.core.outcome import JiTUnlearningFailed, Outcome, Verification
@@ -83,7 +83,7 @@ class JiTRun:
             ``settings.norm_policy`` and restored.
         settings: The JiT settings; those left to ``None`` are calibrated at :meth:`start`.
         batch_format: How to read the forget (and monitor) batches and the model's output.
-        guard: The collapse guard's settings (``CollapseGuard(enabled=False)`` turns it off).
+        guard: The collapse guard's settings (``GuardSettings(enabled=False)`` turns it off).
         monitor: Held-out labelled batches the model never trained on (a validation split), never used for
             gradients: the guard watches their accuracy, and a sample request (``task="random"``) is verified against
             them (:mod:`lightning_jit.core.membership`). Without them a sample request cannot be verified: the run
@@ -115,7 +115,7 @@ class JiTRun:
         settings: JiTSettings,
         *,
         batch_format: BatchFormat | None = None,
-        guard: CollapseGuard | None = None,
+        guard: GuardSettings | None = None,
         monitor: Iterable[Any] | None = None,
         retain: Iterable[Any] | None = None,
         original: nn.Module | None = None,
@@ -125,7 +125,7 @@ class JiTRun:
         self.model = model
         self.settings = settings
         self.batch_format = fmt = batch_format if batch_format is not None else BatchFormat()
-        self.guard = guard if guard is not None else CollapseGuard()
+        self.guard = guard if guard is not None else GuardSettings()
         self.monitor = monitor
         self.retain_source = retain
         self.original = original

@@ -27,7 +27,7 @@ class JiTSettingError(MisconfigurationException):
     """A bad setting, named in :attr:`setting` (e.g. ``"sigma"``), with a hint on how to fix it.
 
     Every setting of :class:`~lightning_jit.core.settings.JiTSettings`,
-    :class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.CollapseGuard` is validated
+    :class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.GuardSettings` is validated
     where it is declared and raises this; the command line maps :attr:`setting` to its flag.
 
     Example:

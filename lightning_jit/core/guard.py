@@ -1,4 +1,4 @@
-"""The collapse guard: its settings (:class:`CollapseGuard`) and its measurements (:class:`CollapseCheck`).
+"""The collapse guard: its settings (:class:`GuardSettings`) and its measurements (:class:`CollapseCheck`).
 
 JiT can destroy a model in a few steps: a learning rate slightly too high, or a ``sigma`` too small for the data. The
 run engine (:class:`~lightning_jit.core.engine.JiTRun`) checks the model every ``check_every`` steps with a
@@ -23,6 +23,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.checks import boolean, choice, in_range, integer, validate
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
 from lightning_jit.core.noise import resolve_perturbation
+from lightning_jit.core.renamed import renamed
 from lightning_jit.core.site import InputSite, PerturbationSite
 from lightning_jit.core.weights import normalization_mode, weights_finite
 
@@ -37,7 +38,7 @@ def _growth(name: str, value: Any) -> Any:
 
 
 @dataclass
-class CollapseGuard:
+class GuardSettings:
     r"""How the collapse guard checks a run. On by default in every front.
 
     Every ``check_every`` optimizer steps (and once at the end of the run) the model is evaluated:
@@ -74,7 +75,7 @@ class CollapseGuard:
         probe_seed: Seed of the noise probes.
 
     Example:
-        >>> CollapseGuard(check_every=5).on_collapse
+        >>> GuardSettings(check_every=5).on_collapse
         'halve_lr'
     """
 
@@ -136,7 +137,7 @@ class CollapseCheck:
 
     def __init__(
         self,
-        guard: CollapseGuard,
+        guard: GuardSettings,
         batch_format: BatchFormat,
         monitor: Iterable[Any] | None = None,
         site: PerturbationSite | None = None,
@@ -326,3 +327,8 @@ def check_monitor(monitor: Any, name: str = "monitor") -> Iterable[Any] | None:
             f" {type(monitor).__name__}. Wrap tensors as DataLoader(TensorDataset(x, y), batch_size=...)."
         )
     return monitor
+
+
+def __getattr__(name: str) -> Any:
+    # ``CollapseGuard``, the old name of ``GuardSettings`` (:mod:`lightning_jit.core.renamed`).
+    return renamed(name, __name__)

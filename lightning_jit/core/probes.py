@@ -10,13 +10,13 @@ from noise shaped like the forget inputs, until the *original* model classifies 
 With a perturbation site (``JiTSettings.perturb_at``, :mod:`lightning_jit.core.site`) the probes live in the site's
 space (a token model's embedding output), not among the inputs: token ids cannot take gradient steps.
 
-The same probes also *protect* the kept classes during unlearning: :class:`ProbeDistillation` holds the model's
-predictions on them at the original's (``JiTSettings.probe_distillation``).
+The same probes also *protect* the kept classes during unlearning:
+:class:`~lightning_jit.core.distillation.DistillationSet` holds the model's predictions on them at the original's
+(``JiTSettings.probe_distillation``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import OutputSelector, select_output
 from lightning_jit.core.errors import MisconfigurationException
+from lightning_jit.core.renamed import renamed
 from lightning_jit.core.site import PerturbationSite
 
 
@@ -44,7 +45,7 @@ def probe_confidence(
     was_training = model.training
     model.eval()
     try:
-        logits = select_output(_run(site, model, x), output_selector).float()
+        logits = select_output(run_in_space(site, model, x), output_selector).float()
     finally:
         model.train(was_training)
     return float(torch.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).mean() * 100.0)
@@ -129,7 +130,7 @@ def synthesize_class_probes(
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                logits = select_output(_run(site, model, x), output_selector)
+                logits = select_output(run_in_space(site, model, x), output_selector)
                 loss = F.cross_entropy(logits.float(), y) + 1e-3 * ((x - mean) / std).pow(2).mean()
                 (grad,) = torch.autograd.grad(loss, [x])
                 x.grad = grad
@@ -143,13 +144,6 @@ def synthesize_class_probes(
 #: Counterfactual probes: Adam steps on each probe, and the Adam step size in stds of the forget inputs.
 PROBE_STEPS = 20
 PROBE_LR = 0.1
-#: Probes in one step, as a share of the forget batch's size (at least one, at most all).
-PROBES_PER_STEP = 0.5
-#: Most probes in all (with many classes, each gets fewer), and most synthesised at a time.
-MAX_PROBES = 2048
-SYNTHESIS_CHUNK = 256
-#: Most retain samples a run keeps (the first ones the retain loader yields).
-MAX_RETAIN = 4096
 
 
 def counterfactual_probes(
@@ -209,207 +203,16 @@ def counterfactual_probes(
     return x.detach(), y
 
 
-class ProbeDistillation:
-    """Holds the model's predictions on class probes where the original model had them: a zero-shot retain term.
-
-    JiT's damage to the kept classes is invisible to it, since it never sees their data. This term gives it a
-    stand-in: probes of every class the forget set does not hold (:func:`counterfactual_probes`, synthesised once from
-    the original model), and at every step the KL divergence from the original model's predictions on a share of
-    them to the current model's,
-
-    .. code-block:: text
-
-        loss = mean over this step's probes p of  KL( softmax f0(p) || softmax f(p) )
-
-    The original's predictions are computed once. Each step takes ``ceil(per_step * B)`` probes (``B`` the forget
-    batch), in turn, so the term costs a forward and backward of half a batch. The forgotten classes are never held:
-    holding their probes too blocks forgetting (``docs/results/quality_exploration.md``).
-
-    Args:
-        probes: The probe inputs.
-        classes: Each probe's class.
-        targets: The original model's log-probabilities on the probes.
-        per_step: Probes per step, as a share of the forget batch.
-        site: The perturbation site whose space the probes are points of (:mod:`lightning_jit.core.site`);
-            ``None``: they are inputs.
+def run_in_space(site: PerturbationSite | None, model: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``model`` on ``x``, or from ``x`` in ``site``'s space (``None``: ``x`` are inputs).
 
     Example:
-        >>> net = torch.nn.Linear(4, 3)
-        >>> x = torch.randn(6, 4)
-        >>> distill = ProbeDistillation(x, torch.zeros(6, dtype=torch.long), torch.log_softmax(net(x), 1).detach())
-        >>> round(distill.loss(net, batch_size=4).item(), 6)  # the model has not moved: nothing to hold
-        0.0
-        >>> distill.taken
-        2
+        >>> run_in_space(None, torch.nn.Identity(), torch.ones(2)).tolist()
+        [1.0, 1.0]
     """
-
-    def __init__(
-        self,
-        probes: Tensor,
-        classes: Tensor,
-        targets: Tensor,
-        per_step: float = PROBES_PER_STEP,
-        site: PerturbationSite | None = None,
-    ) -> None:
-        self.probes = probes
-        #: Where the probes live (``None``: they are inputs).
-        self.site = site
-        self.classes = classes
-        self.targets = targets
-        self.per_step = float(per_step)
-        #: The true labels of the inputs, when known (a retain loader's); see :meth:`hold_out`.
-        self.labels: Tensor | None = None
-        self.taken = 0
-        self._offset = 0
-
-    @classmethod
-    @torch.no_grad()
-    def synthesise(
-        cls,
-        reference: Any,
-        starts: Tensor,
-        classes: Sequence[int],
-        per_class: int,
-        *,
-        std: float,
-        generator: torch.Generator | None = None,
-        output_selector: OutputSelector = None,
-        site: PerturbationSite | None = None,
-    ) -> ProbeDistillation:
-        """Synthesise the probes of ``classes`` from the forget inputs ``starts`` and the original model
-        ``reference`` (a :class:`~lightning_jit.core.reference.FrozenReference`), at most :data:`MAX_PROBES` in all,
-        :data:`SYNTHESIS_CHUNK` at a time. With a module ``site`` the probes live in its module's output space: they
-        start where the forget inputs reach it, and ``std`` is in its units.
-
-        Raises:
-            MisconfigurationException: when there is no class to hold.
-        """
-        if not classes:
-            raise MisconfigurationException("No class to hold: the forget set holds every class of the model.")
-        per_class = max(1, min(int(per_class), MAX_PROBES // len(classes)))
-        chunk = max(1, SYNTHESIS_CHUNK // per_class)
-        differentiable = reference.differentiable
-        if site is not None:
-            starts = torch.cat(
-                [site.space(reference, starts[i : i + SYNTHESIS_CHUNK]) for i in range(0, len(starts), SYNTHESIS_CHUNK)]
-            )
-
-            def differentiable(z: Tensor) -> Any:
-                return site.run(reference.differentiable, z)
-
-        probes, labels = [], []
-        for start in range(0, len(classes), chunk):
-            x, y = counterfactual_probes(
-                differentiable,
-                starts,
-                classes[start : start + chunk],
-                per_class,
-                std=std,
-                generator=generator,
-                output_selector=output_selector,
-            )
-            probes.append(x)
-            labels.append(y)
-        x, y = torch.cat(probes), torch.cat(labels)
-        targets = torch.cat(
-            [
-                torch.log_softmax(
-                    select_output(_run(site, reference, x[i : i + SYNTHESIS_CHUNK]), output_selector).float(), dim=1
-                )
-                for i in range(0, x.shape[0], SYNTHESIS_CHUNK)
-            ]
-        )
-        return cls(x, y, targets, site=site)
-
-    @classmethod
-    @torch.no_grad()
-    def from_retain(
-        cls,
-        reference: Callable[[Tensor], Any],
-        retain: Any,
-        batch_format: Any,
-        *,
-        device: torch.device,
-        limit: int = MAX_RETAIN,
-    ) -> ProbeDistillation:
-        """Hold the original model's predictions on samples the user keeps (the optional ``retain`` loader): its
-        first ``limit`` inputs, read once, with the original's predictions computed once.
-
-        Raises:
-            MisconfigurationException: for an empty retain loader.
-        """
-        inputs: list[Tensor] = []
-        labels: list[Tensor] | None = []
-        kept = 0
-        for batch in retain:
-            x = batch_format.forget_input(batch).to(device)[: limit - kept]
-            y = batch_format.labels(batch)
-            if y is None or labels is None:
-                labels = None
-            else:
-                labels.append(y.to(device).long()[: x.shape[0]])
-            inputs.append(x)
-            kept += x.shape[0]
-            if kept >= limit:
-                break
-        if not kept:
-            raise MisconfigurationException("`retain` is empty: pass a loader of samples you keep, or None.")
-        x = torch.cat(inputs)
-        targets = torch.cat(
-            [
-                torch.log_softmax(batch_format.logits(reference(x[i : i + SYNTHESIS_CHUNK])).float(), dim=1)
-                for i in range(0, x.shape[0], SYNTHESIS_CHUNK)
-            ]
-        )
-        distill = cls(x, targets.argmax(1), targets)
-        distill.labels = torch.cat(labels) if labels else None
-        return distill
-
-    def hold_out(self, classes: Sequence[int]) -> tuple[Tensor, Tensor] | None:
-        """Take the samples whose label is one of ``classes`` out of the distillation (the retain loader's
-        *siblings*: kept samples of a label the forget set holds, as in sub-class forgetting). Holding them would
-        fight the forgetting; they are returned instead, those the original recognised, as ``(inputs, labels)``
-        for a check at the end. ``None`` when there are none (or the retain loader has no labels).
-
-        Example:
-            >>> x, y = torch.randn(4, 2), torch.tensor([0, 1, 1, 2])
-            >>> targets = torch.log_softmax(torch.eye(3)[y] * 5, 1)  # the original recognises all four
-            >>> distill = ProbeDistillation(x, y, targets)
-            >>> distill.labels = y
-            >>> held = distill.hold_out([1])
-            >>> held[1].tolist(), distill.probes.shape[0]
-            ([1, 1], 2)
-        """
-        labels = self.labels
-        if labels is None:
-            return None
-        sibling = torch.isin(labels, torch.as_tensor(list(classes), device=labels.device))
-        if not bool(sibling.any()):
-            return None
-        recognised = sibling & (self.targets.argmax(1) == labels)
-        held = (self.probes[recognised], labels[recognised])
-        keep = ~sibling
-        self.probes, self.classes, self.targets, self.labels = (
-            self.probes[keep],
-            self.classes[keep],
-            self.targets[keep],
-            labels[keep],
-        )
-        return held
-
-    def loss(
-        self, model: nn.Module | Callable[[Tensor], Any], batch_size: int, output_selector: OutputSelector = None
-    ) -> Tensor:
-        """The mean KL divergence over this step's probes, with gradients through ``model``."""
-        n = self.probes.shape[0]
-        k = min(n, max(1, math.ceil(self.per_step * batch_size)))
-        take = (torch.arange(k, device=self.probes.device) + self._offset) % n
-        self._offset = (self._offset + k) % n
-        self.taken = k
-        logits = select_output(_run(self.site, model, self.probes[take]), output_selector).float()
-        return F.kl_div(torch.log_softmax(logits, dim=1), self.targets[take], log_target=True, reduction="batchmean")
-
-
-def _run(site: PerturbationSite | None, model: Callable[[Tensor], Any], x: Tensor) -> Any:
-    """``model`` on ``x``, or from ``x`` in ``site``'s space."""
     return model(x) if site is None else site.run(model, x)
+
+
+def __getattr__(name: str) -> Any:
+    # ``ProbeDistillation``, the old name of ``DistillationSet`` (:mod:`lightning_jit.core.renamed`).
+    return renamed(name, __name__)

@@ -6,7 +6,7 @@ checkpoints. Each field's check sits next to its declaration (``metadata["check"
 :class:`~lightning_jit.core.errors.JiTSettingError` naming the field.
 
 :func:`split_settings` routes keyword arguments to the three declarations a run takes (this one,
-:class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.CollapseGuard`), so that the
+:class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.GuardSettings`), so that the
 fronts accept ``JiTUnlearning(model, sigma=0.1, label_key="y")`` without repeating any list of settings.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Literal
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.checks import boolean, choice, integer, is_number, non_negative, optional, positive, validate
 from lightning_jit.core.errors import JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.noise import PerturbationSpec, resolve_perturbation
 from lightning_jit.core.site import INPUT, check_site_spec
 
@@ -114,7 +114,7 @@ class JiTSettings:
             model ranked next (:func:`~lightning_jit.core.penalties.redistribution_loss`), so that no neighbouring
             class takes it all; class tasks only, 0 turns it off.
         probe_distillation: Weight of the KL term that holds the model's predictions at the original's on class probes
-            of the classes the forget set does not hold (:class:`~lightning_jit.core.probes.ProbeDistillation`); 0
+            of the classes the forget set does not hold (:class:`~lightning_jit.core.distillation.DistillationSet`); 0
             turns it off.
         probes_per_class: Probes per kept class for ``probe_distillation``.
         retain_distillation: Weight of the KL term that holds the model's predictions at the original's on samples
@@ -258,7 +258,7 @@ class JiTSettings:
 # ----------------------------------------------------------------------------------------------------------------------
 # Routing keyword arguments to the declarations a run takes
 # ----------------------------------------------------------------------------------------------------------------------
-_DECLARATIONS: tuple[type, ...] = (JiTSettings, BatchFormat, CollapseGuard)
+_DECLARATIONS: tuple[type, ...] = (JiTSettings, BatchFormat, GuardSettings)
 
 
 def field_names(declaration: type) -> tuple[str, ...]:
@@ -283,9 +283,9 @@ _FIELD_OWNERS = _owners()
 def split_settings(
     settings: JiTSettings | None,
     batch_format: BatchFormat | None,
-    guard: bool | CollapseGuard,
+    guard: bool | GuardSettings,
     kwargs: dict[str, Any],
-) -> tuple[JiTSettings, BatchFormat, CollapseGuard]:
+) -> tuple[JiTSettings, BatchFormat, GuardSettings]:
     """Build the three declarations of a run from objects and/or keyword arguments.
 
     Each keyword goes to the declaration that has a field of its name and overrides the object given for it.
@@ -304,10 +304,10 @@ def split_settings(
         close = difflib.get_close_matches(unknown[0], list(known), n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
         raise JiTSettingError(
-            unknown[0], f"is not a JiT setting.{hint} See `JiTSettings`, `BatchFormat` and `CollapseGuard`."
+            unknown[0], f"is not a JiT setting.{hint} See `JiTSettings`, `BatchFormat` and `GuardSettings`."
         )
-    if not isinstance(guard, (bool, CollapseGuard)):
-        raise JiTSettingError("guard", f"must be True, False or a CollapseGuard, got {type(guard).__name__}.")
+    if not isinstance(guard, (bool, GuardSettings)):
+        raise JiTSettingError("guard", f"must be True, False or a GuardSettings, got {type(guard).__name__}.")
     by_declaration: dict[type, dict[str, Any]] = {decl: {} for decl in _DECLARATIONS}
     for name, value in kwargs.items():
         by_declaration[known[name]][name] = value
@@ -330,8 +330,8 @@ def split_settings(
             raise JiTSettingError(decl.__name__, f"must be a {decl.__name__}, got {type(given).__name__}.")
         return dataclasses.replace(given, **changes) if changes else given
 
-    base_guard = guard if isinstance(guard, CollapseGuard) else CollapseGuard(enabled=guard)
-    return build(JiTSettings, settings), build(BatchFormat, batch_format), build(CollapseGuard, base_guard)
+    base_guard = guard if isinstance(guard, GuardSettings) else GuardSettings(enabled=guard)
+    return build(JiTSettings, settings), build(BatchFormat, batch_format), build(GuardSettings, base_guard)
 
 
 def callable_or_none(name: str, value: Any, what: str) -> Callable[..., Any] | None:

@@ -35,7 +35,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.engine import JiTRun, StepReport
 from lightning_jit.core.errors import forward_failure
-from lightning_jit.core.guard import CollapseGuard, check_monitor
+from lightning_jit.core.guard import GuardSettings, check_monitor
 from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
 from lightning_jit.core.weights import normalization_mode, trainable_parameters
@@ -198,7 +198,7 @@ class JiTUnlearningCallback(Callback):
         strict: Raise :class:`~lightning_jit.core.outcome.JiTUnlearningFailed` (after restoring the weights from
             before the run) when a run's verified outcome is not ``forgotten``, instead of warning and leaving its ids
             pending.
-        settings_kwargs: Fields of ``JiTSettings``, ``BatchFormat`` or ``CollapseGuard``.
+        settings_kwargs: Fields of ``JiTSettings``, ``BatchFormat`` or ``GuardSettings``.
 
     Example:
         >>> import lightning.pytorch as pl, torch
@@ -226,7 +226,7 @@ class JiTUnlearningCallback(Callback):
         ids: Sequence[SampleId] | None = None,
         batch_size: int | None = None,
         batch_format: BatchFormat | None = None,
-        guard: bool | CollapseGuard = True,
+        guard: bool | GuardSettings = True,
         monitor: Iterable[Any] | None = None,
         retain: Iterable[Any] | None = None,
         audit_path: str | os.PathLike | None = None,

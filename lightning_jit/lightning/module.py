@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.engine import JiTRun
-from lightning_jit.core.guard import CollapseGuard, check_monitor
+from lightning_jit.core.guard import GuardSettings, check_monitor
 from lightning_jit.core.optimizer import make_optimizer
 from lightning_jit.core.outcome import JiTOutcomeWarning, Outcome, Verification
 from lightning_jit.core.settings import JiTSettings, split_settings
@@ -71,7 +71,7 @@ class JiTUnlearning(pl.LightningModule):
 
     Steps whose loss or gradients are not finite are skipped and counted in ``skipped_steps``, never applied.
     Non-finite weights, repeated non-finite steps, an exception, Ctrl+C or SIGTERM restore the weights from before
-    the run bit for bit; the collapse guard (:class:`~lightning_jit.core.guard.CollapseGuard`) is on by default.
+    the run bit for bit; the collapse guard (:class:`~lightning_jit.core.guard.GuardSettings`) is on by default.
 
     A run that does not end ``forgotten`` restores the weights from before the run (``on_unverified="restore"``,
     the default) or keeps its partial progress (``on_unverified="keep"``); ``verification.restored`` says which.
@@ -92,7 +92,7 @@ class JiTUnlearning(pl.LightningModule):
         batch_format: How batches and outputs are read (:class:`~lightning_jit.core.batch.BatchFormat`); its fields
             (``input_key``, ``label_key``, ``output_selector``, ``batch_to_input``) may be keyword arguments too.
         guard: The collapse guard: ``True`` (default), ``False``, or a configured
-            :class:`~lightning_jit.core.guard.CollapseGuard`; its fields (``check_every``, ``on_collapse``,
+            :class:`~lightning_jit.core.guard.GuardSettings`; its fields (``check_every``, ``on_collapse``,
             ``max_drop``...) may be keyword arguments too.
         monitor: Optional loader of labelled held-out data the model never trained on (e.g. the validation split).
             It is only evaluated, never used for gradients: the guard watches its accuracy, and a request that names
@@ -112,7 +112,7 @@ class JiTUnlearning(pl.LightningModule):
         strict: Raise :class:`~lightning_jit.core.outcome.JiTUnlearningFailed` from ``trainer.fit``, after restoring
             the weights from before the run, when the verified outcome is not ``forgotten``. By default a warning
             says so and ``unlearner.outcome`` tells.
-        settings_kwargs: Fields of ``JiTSettings``, ``BatchFormat`` or ``CollapseGuard``.
+        settings_kwargs: Fields of ``JiTSettings``, ``BatchFormat`` or ``GuardSettings``.
 
     Example:
         >>> import torch, lightning.pytorch as pl
@@ -135,7 +135,7 @@ class JiTUnlearning(pl.LightningModule):
         settings: JiTSettings | None = None,
         *,
         batch_format: BatchFormat | None = None,
-        guard: bool | CollapseGuard = True,
+        guard: bool | GuardSettings = True,
         monitor: Iterable[Any] | None = None,
         retain: Iterable[Any] | None = None,
         original: nn.Module | None = None,

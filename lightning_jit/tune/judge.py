@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import PerturbationSite, site_for
@@ -144,7 +144,7 @@ class Judge:
         forget: Iterable[Any],
         tune: TuneSettings,
         base: JiTSettings,
-        guard: CollapseGuard,
+        guard: GuardSettings,
         *,
         batch_format: BatchFormat | None = None,
         monitor: Iterable[Any] | None = None,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTDivergenceError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.outcome import JiTOutcomeWarning
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.lightning.module import JiTUnlearning
@@ -60,7 +60,7 @@ class JiTTrialRunner:
         *,
         base: JiTSettings,
         batch_format: BatchFormat,
-        guard: CollapseGuard,
+        guard: GuardSettings,
         monitor: Iterable[Any] | None,
         judge: Judge,
         seed: int,

@@ -3,7 +3,7 @@
 :func:`~lightning_jit.tune.tune_jit` takes its search's settings (this declaration) and, as keyword arguments, the
 settings every trial shares, which it never restates: the fields of
 :class:`~lightning_jit.core.settings.JiTSettings` (``target_forget_accuracy``, ``probes_per_class``, the retain
-terms...), :class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.CollapseGuard`
+terms...), :class:`~lightning_jit.core.batch.BatchFormat` and :class:`~lightning_jit.core.guard.GuardSettings`
 (``max_drop``, which also bounds the monitor's fall in monitored mode). :func:`split_tune_settings` routes the keyword
 arguments to these four declarations. ``lightning-jit tune`` builds its flags from this class (``--n_configs``,
 ``--budget``, ...), so that its ``--help`` and its defaults are these.
@@ -20,7 +20,7 @@ from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import CLASS_TARGET
 from lightning_jit.core.checks import choice, integer, is_number, non_negative, optional, positive, validate
 from lightning_jit.core.errors import JiTSettingError
-from lightning_jit.core.guard import CollapseGuard
+from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.settings import JiTSettings, split_settings
 from lightning_jit.tune.result import Task
 
@@ -64,7 +64,7 @@ class TuneSettings:
 
     The settings every trial shares are not here: they are the fields of ``JiTSettings`` (e.g.
     ``target_forget_accuracy``, the forgetting target and every run's stopping rule: by default a class task's
-    calibrated target), ``BatchFormat`` and ``CollapseGuard`` (e.g. ``max_drop``, also the largest fall of the
+    calibrated target), ``BatchFormat`` and ``GuardSettings`` (e.g. ``max_drop``, also the largest fall of the
     monitor's accuracy in monitored mode), given to ``tune_jit`` as keyword arguments.
 
     Args:
@@ -132,11 +132,11 @@ def forgetting_target(task: Task, base: JiTSettings) -> float | None:
     return given if given is not None or task != "class" else CLASS_TARGET
 
 
-def split_tune_settings(kwargs: dict[str, Any]) -> tuple[TuneSettings, JiTSettings, BatchFormat, CollapseGuard]:
+def split_tune_settings(kwargs: dict[str, Any]) -> tuple[TuneSettings, JiTSettings, BatchFormat, GuardSettings]:
     """Route :func:`~lightning_jit.tune.tune_jit`'s keyword arguments to the four declarations a search takes.
 
     A keyword that is a field of :class:`TuneSettings` is the search's; any other goes to ``JiTSettings``,
-    ``BatchFormat`` or ``CollapseGuard`` (:func:`~lightning_jit.core.settings.split_settings`). The returned
+    ``BatchFormat`` or ``GuardSettings`` (:func:`~lightning_jit.core.settings.split_settings`). The returned
     ``JiTSettings`` are those every trial shares, with ``epochs`` the search's ``max_epochs``, ``seed`` its seed and
     the forgetting target resolved (:func:`forgetting_target`); each trial then sets its own ``sigma``, ``lr`` and
     ``n_perturbations``. The guard is on.

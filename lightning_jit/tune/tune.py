@@ -58,7 +58,7 @@ def tune_jit(
     ``sigma_range``, ``lr_range``, ``n_perturbations``, ``n_configs``, ``reduction_factor``, ``max_epochs``,
     ``budget``, ``finalists``, ``repeats``, ``tie_tolerance``, ``confidence_tolerance``, ``seed``), declared and
     documented there once. Every trial runs with :class:`~lightning_jit.core.settings.JiTSettings`' defaults, except
-    the searched settings and the fields of ``JiTSettings``, ``BatchFormat`` or ``CollapseGuard`` given here.
+    the searched settings and the fields of ``JiTSettings``, ``BatchFormat`` or ``GuardSettings`` given here.
     Measured results (cost, transfer to other classes, the searches that were dropped): ``docs/results/tune.md``.
 
     Args:
@@ -74,7 +74,7 @@ def tune_jit(
             :class:`~lightning_jit.core.settings.JiTSettings` (e.g. ``target_forget_accuracy``, the forgetting target
             and every run's stopping rule, by default a class task's calibrated target; ``logit_norm_penalty``;
             ``probes_per_class``, which also sets the judge's probes), :class:`~lightning_jit.core.batch.BatchFormat`
-            or :class:`~lightning_jit.core.guard.CollapseGuard` (e.g. ``max_drop``) that every trial uses.
+            or :class:`~lightning_jit.core.guard.GuardSettings` (e.g. ``max_drop``) that every trial uses.
             ``sigma``, ``lr`` and ``epochs`` are set per trial.
 
     Returns:

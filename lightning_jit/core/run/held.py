@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.calibration import ForgetSurvey
 from lightning_jit.core.cost import CostCounter
-from lightning_jit.core.probes import ProbeDistillation
+from lightning_jit.core.distillation import DistillationSet
 from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.run.collectives import cpu_generator
 from lightning_jit.core.settings import JiTSettings
@@ -52,8 +52,8 @@ class HeldSamples:
         self.batch_format = batch_format
         self.cost = cost
         self.reference: FrozenReference | None = None
-        self.probes: ProbeDistillation | None = None
-        self.retain: ProbeDistillation | None = None
+        self.probes: DistillationSet | None = None
+        self.retain: DistillationSet | None = None
         #: Retain samples of a forgotten label that the original recognised, checked at the end.
         self.siblings: tuple[Tensor, Tensor] | None = None
 
@@ -67,7 +67,7 @@ class HeldSamples:
         if holds_retain:
             assert self.reference is not None
             with self.cost.kind("retain"):
-                self.retain = ProbeDistillation.from_retain(self.reference, retain, self.batch_format, device=device)
+                self.retain = DistillationSet.from_retain(self.reference, retain, self.batch_format, device=device)
 
     def ensure_reference(self, original: nn.Module) -> FrozenReference:
         """The frozen original, frozen now if no term needed it so far."""
@@ -83,7 +83,7 @@ class HeldSamples:
             return None
         assert self.reference is not None
         with self.cost.kind("synthesis"):
-            self.probes = ProbeDistillation.synthesise(
+            self.probes = DistillationSet.synthesise(
                 self.reference,
                 found.starts.to(device),
                 kept,
@@ -117,9 +117,8 @@ class HeldSamples:
         return probe_loss, retain_loss
 
     def state_dict(self) -> dict[str, Any]:
-        # ProbeDistillation has no state_dict of its own yet: its rotation offset is read here, in one place.
         held = {
-            name: (d.probes, d.classes, d.targets, d._offset, d.labels) if d is not None else None
+            name: (d.probes, d.classes, d.targets, d.state_dict()["offset"], d.labels) if d is not None else None
             for name, d in (("probes", self.probes), ("retain", self.retain))
         }
         return {
@@ -133,10 +132,10 @@ class HeldSamples:
             self.reference = FrozenReference.from_state(original, state["reference"], device)
         for name, held in state["held"].items():
             if held is not None:
-                distill = ProbeDistillation(
+                distill = DistillationSet(
                     *(t.to(device) for t in held[:3]), site=self.site if name == "probes" else None
                 )
-                distill._offset = int(held[3])
+                distill.load_state_dict({"offset": held[3]})
                 distill.labels = held[4].to(device) if held[4] is not None else None
                 setattr(self, name, distill)
         siblings = state["siblings"]

@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
-from lightning_jit.core.guard import CollapseCheck, CollapseGuard, GuardEvent
-from lightning_jit.core.probes import ProbeDistillation
+from lightning_jit.core.distillation import DistillationSet
+from lightning_jit.core.guard import CollapseCheck, GuardEvent, GuardSettings
 from lightning_jit.core.run.collectives import Collectives, ForwardContext
 from lightning_jit.core.site import PerturbationSite
 from lightning_jit.core.weights import WeightSnapshot
@@ -44,13 +44,13 @@ class Rollback:
         site: Where the noise goes: the guard's noise probes are drawn in its space (``None``: the input).
 
     Example:
-        >>> Rollback(CollapseGuard(enabled=False), BatchFormat()).due(steps=1)
+        >>> Rollback(GuardSettings(enabled=False), BatchFormat()).due(steps=1)
         False
     """
 
     def __init__(
         self,
-        guard: CollapseGuard,
+        guard: GuardSettings,
         batch_format: BatchFormat,
         monitor: Iterable[Any] | None = None,
         cost: CostCounter | None = None,
@@ -75,7 +75,7 @@ class Rollback:
         """Whether the guard checks after step ``steps``."""
         return self.check is not None and steps % self.guard.check_every == 0
 
-    def watch_probes(self, probes: ProbeDistillation | None) -> None:
+    def watch_probes(self, probes: DistillationSet | None) -> None:
         """Let the guard watch the class probes the run holds, with the original's class of each."""
         if self.check is not None and probes is not None:
             self.check.class_probes = (probes.probes, probes.targets.argmax(1))
