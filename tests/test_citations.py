@@ -20,8 +20,6 @@ PATH = re.compile(
 )
 #: A relative link in Markdown.
 LINK = re.compile(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)")
-#: Citations in files another change owns, fixed there (the check names them until then).
-PENDING = {"lightning_jit/core/objective.py cites docs/results/benchmarks.md"}
 
 
 def _files() -> list[Path]:
@@ -45,7 +43,7 @@ def test_every_cited_file_is_in_the_repository():
     if not (ROOT / "docs").is_dir():
         pytest.skip("needs the repository checkout, not an installed package")
     wrong = [w for path in _files() for w in _missing(path, path.read_text())]
-    assert sorted(set(wrong) - PENDING) == []
+    assert sorted(wrong) == []
 
 
 def test_the_check_finds_a_missing_file():

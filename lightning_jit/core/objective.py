@@ -36,7 +36,7 @@ from lightning_jit.core.settings import ClampSpec, PerturbationChunk, Reduction
 from lightning_jit.core.site import InputSite, PerturbationSite
 
 #: What ``perturbation_chunk="auto"`` means, measured with ``benchmarks/bench_objective.py`` and
-#: ``benchmarks/gpu_check.sh`` (``docs/results/benchmarks.md``): cache-sized chunks win on a CPU, larger ones on CUDA.
+#: ``benchmarks/gpu_check.sh`` (``docs/benchmarks.md``): cache-sized chunks win on a CPU, larger ones on CUDA.
 PERTURBATION_CHUNK_BY_DEVICE: dict[str, int] = {"cpu": 256, "cuda": 1024}
 
 

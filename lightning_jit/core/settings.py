@@ -334,13 +334,6 @@ def split_settings(
     return build(JiTSettings, settings), build(BatchFormat, batch_format), build(GuardSettings, base_guard)
 
 
-def callable_or_none(name: str, value: Any, what: str) -> Callable[..., Any] | None:
-    """``value`` if it is ``None`` or callable, else a :class:`JiTSettingError` naming ``name``."""
-    if value is not None and not callable(value):
-        raise JiTSettingError(name, f"must be {what}, got {type(value).__name__}.")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # YAML, through the parser the command line uses for its `--jit.*` group
 # ----------------------------------------------------------------------------------------------------------------------
