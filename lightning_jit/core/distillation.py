@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import OutputSelector, select_output
 from lightning_jit.core.errors import MisconfigurationException
 from lightning_jit.core.probes import counterfactual_probes, run_in_space
@@ -210,7 +211,7 @@ class DistillationSet:
         sibling = torch.isin(labels, torch.as_tensor(list(classes), device=labels.device))
         if not bool(sibling.any()):
             return None
-        recognised = sibling & (self.targets.argmax(1) == labels)
+        recognised = sibling & top1_hits(self.targets, labels)
         held = (self.probes[recognised], labels[recognised])
         keep = ~sibling
         self.probes, self.classes, self.targets, self.labels = (

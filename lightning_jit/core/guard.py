@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.checks import boolean, choice, in_range, integer, validate
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
@@ -211,7 +212,7 @@ class CollapseCheck:
                 logits.append(fmt.logits(self.site.run(model, noise_x), noise_x.shape[0]).float())
             if held is not None:
                 held_logits = fmt.logits(self.site.run(model, held[0]), held[0].shape[0])
-                agreement = (held_logits.argmax(1) == held[1]).float().mean()
+                agreement = top1_hits(held_logits, held[1]).float().mean()
         if not all(bool(t.isfinite().all()) for t in logits):
             out["non_finite"] = 1.0
         out["logit_norm"] = float(torch.cat([t.norm(dim=1) for t in logits]).mean())
@@ -232,7 +233,7 @@ class CollapseCheck:
             for batch in self.monitor:  # type: ignore[union-attr]
                 logits, y = monitor_logits(model, self.batch_format, batch, like)
                 finite = finite and bool(logits.isfinite().all())
-                correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
+                correct += int(top1_hits(logits, y.to(logits.device)).sum())
                 total += int(y.shape[0])
         if total == 0:
             raise MisconfigurationException("`monitor` is empty: pass a loader with at least one labelled batch.")

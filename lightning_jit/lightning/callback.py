@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
 
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.engine import JiTRun, StepReport
@@ -711,7 +712,7 @@ class JiTUnlearningCallback(Callback):
                 count += int(logits.shape[0])
                 labels = fmt.labels(batch)
                 if labels is not None and labels.shape[0] == logits.shape[0]:
-                    correct += int((logits.argmax(1) == labels.to(logits.device)).sum())
+                    correct += int(top1_hits(logits, labels.to(logits.device)).sum())
                     labelled += int(labels.shape[0])
         return {
             "n": count,

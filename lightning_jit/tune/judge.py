@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.errors import JiTSettingError
@@ -221,7 +222,8 @@ class Judge:
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean() * 100.0)
+    """Top-1 accuracy in percent (torchmetrics' micro average: correct predictions over samples)."""
+    return float(multiclass_accuracy(logits, labels, logits.shape[1], average="micro", validate_args=False) * 100.0)
 
 
 def _confidence(logits: Tensor) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.matching import MAX_BASIS, HeldoutProjection, MarginTargets, label_margin, matching_loss
@@ -143,7 +144,7 @@ class SampleRequest:
             self._pass_scores.append(
                 (
                     torch.nn.functional.cross_entropy(logits, labels, reduction="none").double(),
-                    logits.argmax(1) == labels,
+                    top1_hits(logits, labels),
                 )
             )
         return matching_loss(label_margin(logits, labels), targets(label_margin(reference, labels)))

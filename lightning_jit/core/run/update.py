@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
@@ -87,7 +88,7 @@ class Update:
         loss, clean, x, labels = step.loss, step.clean, step.x, step.labels
         correct = None
         if labels is not None:
-            correct = int((clean.detach().argmax(1) == labels.to(clean.device)).sum())
+            correct = int(top1_hits(clean.detach(), labels.to(clean.device)).sum())
         if not loss.requires_grad:
             raise JiTInputError(
                 "The JiT loss has no gradient: the model has no trainable parameter on its output path."

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core import batching
+from lightning_jit.core.accuracy import top1_hits
 from lightning_jit.core.batch import BatchFormat
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
@@ -175,7 +176,7 @@ class Verifier:
                 entropy = -(log_p.exp() * log_p).sum(dim=1).double().sum()
                 valid = (labels >= 0) & (labels < logits.shape[1])
                 labels = labels.clamp(0, logits.shape[1] - 1)
-                hit = (logits.argmax(1) == labels) & valid
+                hit = top1_hits(logits, labels) & valid
                 confidence = (probs.gather(1, labels[:, None]).squeeze(1) * valid).sum().double()
                 size = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=confidence.device)
                 step = torch.stack([hit.sum().double(), confidence, size, valid.sum().double(), entropy])
@@ -241,7 +242,7 @@ class Verifier:
                 labels = labels.to(logits.device).long()
                 log_p = torch.log_softmax(logits, dim=1)
                 columns[0].append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").double())
-                columns[1].append((logits.argmax(1) == labels).double())
+                columns[1].append(top1_hits(logits, labels).double())
                 columns[2].append(label_margin(logits, labels).double())
                 columns[3].append(torch.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1).double())
                 columns[4].append(-(log_p.exp() * log_p).sum(dim=1).double())
@@ -260,7 +261,7 @@ class Verifier:
             for i in range(0, x.shape[0], batching.MAX_BATCH):
                 chunk = x[i : i + batching.MAX_BATCH]
                 logits = self.batch_format.logits(self.model(chunk), chunk.shape[0])
-                hits[0] += (logits.argmax(1) == labels[i : i + batching.MAX_BATCH]).sum()
+                hits[0] += top1_hits(logits, labels[i : i + batching.MAX_BATCH]).sum()
                 hits[1] += chunk.shape[0]
         if self.collectives.world_size > 1:
             hits = self.collectives.sum(hits)
