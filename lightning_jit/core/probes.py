@@ -17,6 +17,7 @@ The same probes also *protect* the kept classes during unlearning:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from lightning_jit.core.batch import OutputSelector, select_output
 from lightning_jit.core.errors import MisconfigurationException
 from lightning_jit.core.renamed import renamed
 from lightning_jit.core.site import PerturbationSite
+from lightning_jit.core.weights import normalization_mode
 
 
 @torch.no_grad()
@@ -42,12 +44,8 @@ def probe_confidence(
     Probes synthesised in a perturbation site's space (``site``, as :func:`synthesize_class_probes` made them) are
     evaluated from that space."""
     x, y = probes
-    was_training = model.training
-    model.eval()
-    try:
+    with normalization_mode(model, "eval"):
         logits = select_output(run_in_space(site, model, x), output_selector).float()
-    finally:
-        model.train(was_training)
     return float(torch.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).mean() * 100.0)
 
 
@@ -104,15 +102,8 @@ def synthesize_class_probes(
         raise MisconfigurationException(f"`per_class` must be >= 1 and `steps` >= 0, got {per_class} and {steps}.")
     like = like.detach()
     if site is not None:
-        with torch.no_grad():
-            was = model.training if isinstance(model, nn.Module) else False
-            if isinstance(model, nn.Module):
-                model.eval()
-            try:
-                like = site.space(model, like).detach()
-            finally:
-                if isinstance(model, nn.Module):
-                    model.train(was)
+        with torch.no_grad(), _eval_mode(model):
+            like = site.space(model, like).detach()
     if scale is None:
         mean, std = float(like.float().mean()), float(like.float().std())
     else:
@@ -123,22 +114,20 @@ def synthesize_class_probes(
     x = (mean + std * noise).to(device=like.device, dtype=like.dtype).requires_grad_(True)
     y = torch.tensor(list(classes), device=like.device).repeat_interleave(per_class)
     optimizer = torch.optim.Adam([x], lr=lr * std)
-    is_module = isinstance(model, nn.Module)
-    was_training = model.training if is_module else False
-    if is_module:
-        model.eval()
-    try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                logits = select_output(run_in_space(site, model, x), output_selector)
-                loss = F.cross_entropy(logits.float(), y) + 1e-3 * ((x - mean) / std).pow(2).mean()
-                (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad
-                optimizer.step()
-    finally:
-        if is_module:
-            model.train(was_training)
+    with _eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            logits = select_output(run_in_space(site, model, x), output_selector)
+            loss = F.cross_entropy(logits.float(), y) + 1e-3 * ((x - mean) / std).pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, [x])
+            x.grad = grad
+            optimizer.step()
     return x.detach(), y
+
+
+def _eval_mode(model: nn.Module | Callable[[Tensor], Any]) -> contextlib.AbstractContextManager[None]:
+    """Eval mode for a module, restored afterwards (:func:`~lightning_jit.core.weights.normalization_mode`); nothing
+    for a plain callable."""
+    return normalization_mode(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext()
 
 
 #: Counterfactual probes: Adam steps on each probe, and the Adam step size in stds of the forget inputs.
