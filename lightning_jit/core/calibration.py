@@ -59,9 +59,8 @@ class ForgetSurvey:
         n: Forget samples.
         num_classes: The model's output width.
         classes: The classes the forget set holds (its labels, or the original model's predictions without labels).
-        mean: Mean of the forget inputs' elements, in the perturbation site's space (:mod:`lightning_jit.core.site`).
-        std: Std of the forget inputs' elements in the site's space (1.0 if they are constant).
-        input_dim: Elements per forget input in the site's space (``d`` in ``E||xi|| = sigma * sqrt(d)``).
+        std: Std of the forget inputs' elements, in the perturbation site's space (:mod:`lightning_jit.core.site`;
+            1.0 if they are constant).
         weight_modules: The model's :data:`WEIGHT_MODULES`, in the order the forward pass ran them.
         starts: Up to ``reservoir`` forget inputs drawn uniformly (where counterfactual probes start).
     """
@@ -69,9 +68,7 @@ class ForgetSurvey:
     n: int
     num_classes: int
     classes: list[int]
-    mean: float
     std: float
-    input_dim: int
     weight_modules: list[nn.Module] = field(default_factory=list, repr=False)
     starts: Tensor | None = field(default=None, repr=False)
 
@@ -80,7 +77,7 @@ class ForgetSurvey:
         """``"class"`` when the forget set holds at most :data:`CLASS_TASK_SHARE` of the classes, else ``"random"``.
 
         Example:
-            >>> ForgetSurvey(n=90, num_classes=10, classes=[3], mean=0.0, std=1.0, input_dim=64).task
+            >>> ForgetSurvey(n=90, num_classes=10, classes=[3], std=1.0).task
             'class'
         """
         return "class" if len(self.classes) <= CLASS_TASK_SHARE * self.num_classes else "random"
@@ -120,8 +117,8 @@ def survey_forget_set(
         generator: For the reservoir.
         shard: Takes this process's share of a batch (inputs, labels) for the forward pass.
         total: Sums a tensor over the processes.
-        site: Where the noise goes (:mod:`lightning_jit.core.site`; ``None``: the input): ``mean``, ``std`` and
-            ``input_dim`` are measured in its space (a module site: on its output in the survey's passes).
+        site: Where the noise goes (:mod:`lightning_jit.core.site`; ``None``: the input): ``std`` is measured in
+            its space (a module site: on its output in the survey's passes).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -196,9 +193,7 @@ def survey_forget_set(
         n=n,
         num_classes=int(seen.shape[0]),
         classes=seen.nonzero().flatten().tolist(),
-        mean=mean,
         std=std if std > 0 and math.isfinite(std) else 1.0,
-        input_dim=int(round(elements / max(1, n))),
         weight_modules=order,
         starts=torch.stack(kept) if kept else None,
     )

@@ -7,6 +7,7 @@ the update scope and whether the step size was calibrated. Everything that depen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -209,7 +210,10 @@ class Calibration:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calibrated = dict(state["calibrated"])
-        self.survey = ForgetSurvey(**state["survey"]) if state["survey"] is not None else None
+        survey = state["survey"]
+        # A 0.2 run state also holds the survey's mean and input size, which nothing read and the survey dropped.
+        kept = {f.name for f in dataclasses.fields(ForgetSurvey)}
+        self.survey = ForgetSurvey(**{k: v for k, v in survey.items() if k in kept}) if survey is not None else None
         self.scope = {self.params[i] for i in state["scope"]} if state["scope"] is not None else None
         self.step_calibrated = bool(state["step_calibrated"])
 
