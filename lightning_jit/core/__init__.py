@@ -17,7 +17,6 @@ from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import logit_norm_penalty
 from lightning_jit.core.probes import probe_confidence, synthesize_class_probes
 from lightning_jit.core.reference import FrozenReference
-from lightning_jit.core.renamed import renamed
 from lightning_jit.core.settings import JiTSettings
 from lightning_jit.core.site import InputSite, ModuleSite, PerturbationSite, site_for
 from lightning_jit.core.weights import WeightSnapshot
@@ -53,4 +52,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The old public names (``CollapseGuard``, ``ProbeDistillation``): :mod:`lightning_jit.core.renamed`.
-    return renamed(name, __name__)
+    from lightning_jit.core.renamed import renamed as resolve
+
+    return resolve(name, __name__)
