@@ -33,7 +33,7 @@ def test_an_old_name_is_the_new_object_and_warns_once_at_the_callers_line(monkey
         second = getattr(package, old)
     assert first is new and second is new
     assert len(caught) == 1
-    assert issubclass(caught[0].category, DeprecationWarning)
+    assert caught[0].category is FutureWarning
     assert f"`{old}` was renamed `{new.__name__}`" in str(caught[0].message)
     assert caught[0].filename == __file__  # it points at the line that used the old name
 
@@ -68,3 +68,14 @@ def test_a_distillation_set_resumes_its_rotation_from_its_state_dict():
     torch.testing.assert_close(got, first.loss(net, batch_size=4))
     assert again.state_dict() == first.state_dict() == {"offset": 4}
     assert F.kl_div(log_q, targets[2:4], log_target=True, reduction="batchmean").item() == pytest.approx(got.item())
+
+
+def test_only_the_first_process_warns(monkeypatch):
+    monkeypatch.setattr(renamed_module, "_warned", set())
+    monkeypatch.setenv("RANK", "1")
+    import lightning_jit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lightning_jit.core.guard.CollapseGuard is GuardSettings
+    assert caught == []

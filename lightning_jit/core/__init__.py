@@ -1,6 +1,6 @@
 """The JiT method in pure torch: settings, batch format, noise, objective, retain terms, guard and run engine.
 
-Nothing here depends on Lightning but its configuration exception and its deprecation warning; the Lightning fronts
+Nothing here depends on Lightning but its configuration exception; the Lightning fronts
 (:mod:`lightning_jit.lightning`) hand the run engine what only a Trainer knows.
 """
 

@@ -9,9 +9,11 @@ process.
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_deprecation
+import torch.distributed as dist
 
 #: Old name -> (the module that defines the new one, the new name).
 RENAMED: dict[str, tuple[str, str]] = {
@@ -20,13 +22,21 @@ RENAMED: dict[str, tuple[str, str]] = {
 }
 
 _warned: set[str] = set()
-#: The warning points at the line that used the old name: warnings.warn, Lightning's three wrappers, :func:`renamed`
-#: and the module ``__getattr__`` lie between.
-_STACKLEVEL = 7
+#: The warning points at the line that used the old name: :func:`renamed` and the module ``__getattr__`` lie between.
+_STACKLEVEL = 3
+
+
+def _rank_zero() -> bool:
+    """Whether this is the first process (the core imports no Lightning, so this is Lightning's rule written small:
+    the process group's rank once there is one, else the launcher's ``RANK``/``LOCAL_RANK``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "LOCAL_RANK"))
 
 
 def renamed(name: str, module: str) -> Any:
-    """The object the old public ``name`` now refers to; the first use in a process warns (on rank zero).
+    """The object the old public ``name`` now refers to; the first use in a process warns (a ``FutureWarning``, which
+    Python shows users by default; on the first process only).
 
     Args:
         name: The name looked up.
@@ -47,11 +57,13 @@ def renamed(name: str, module: str) -> Any:
     home, new = RENAMED[name]
     if name not in _warned:
         _warned.add(name)
-        rank_zero_deprecation(
-            f"`{name}` was renamed `{new}` in lightning-jit 0.3 (`from {home} import {new}`); the old name still"
-            " works but will be removed in a future release.",
-            stacklevel=_STACKLEVEL,
-        )
+        if _rank_zero():
+            warnings.warn(
+                f"`{name}` was renamed `{new}` in lightning-jit 0.3 (`from {home} import {new}`); the old name"
+                " still works but will be removed in a future release.",
+                FutureWarning,
+                stacklevel=_STACKLEVEL,
+            )
     return getattr(importlib.import_module(home), new)
 
 
