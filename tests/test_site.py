@@ -269,7 +269,7 @@ def test_objective_against_a_per_sample_loop_of_hooked_forwards(token_model, tok
     assert got.item() == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
 
 
-def test_sigma_and_dimension_come_from_the_embedding_output(token_model, tokens):
+def test_sigma_comes_from_the_embedding_output(token_model, tokens):
     settings = JiTSettings(perturb_at="embedding", epochs=1, probe_distillation=0.0)
     run = JiTRun(token_model, settings, guard=GuardSettings(enabled=False))
     run.start(_forget(tokens))
@@ -277,7 +277,6 @@ def test_sigma_and_dimension_come_from_the_embedding_output(token_model, tokens)
     with torch.no_grad():
         embedded = token_model.embedding(x_tr[y_tr == FORGOTTEN]).double()
     assert run.calibrated["sigma"] == pytest.approx(float(embedded.std(correction=0)), rel=1e-9)
-    assert run.survey.input_dim == 64 * 16
     assert run.calibrated["sigma"] != pytest.approx(float(x_tr.double().std()), rel=0.05)  # not the ids' std
     assert _no_hooks(token_model)
 
