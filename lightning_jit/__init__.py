@@ -94,10 +94,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    # The old public names (``CollapseGuard``): :mod:`lightning_jit.core.renamed`.
-    from lightning_jit.core.renamed import renamed
+    if name == "CollapseGuard":  # the old name of ``GuardSettings``: :mod:`lightning_jit.core.renamed`
+        from lightning_jit.core.renamed import renamed
 
-    return renamed(name, "lightning_jit")
+        return renamed(name, "lightning_jit")
+    raise AttributeError(f"module 'lightning_jit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
