@@ -90,8 +90,8 @@ def test_breakdown_times_a_real_fit_and_puts_everything_back():
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_jit import JiTUnlearning
-    from lightning_jit.core import engine
     from lightning_jit.core.cost import CostCounter
+    from lightning_jit.core.run import update
     from lightning_jit.core.state import gradients_finite
     from lightning_jit.lightning.trainer import quiet_trainer
 
@@ -103,7 +103,7 @@ def test_breakdown_times_a_real_fit_and_puts_everything_back():
     with Breakdown() as parts:
         quiet_trainer(max_epochs=-1).fit(wrapper, data)
     assert "log" not in vars(JiTUnlearning) and JiTUnlearning.log is LightningModule.log
-    assert engine.gradients_finite is gradients_finite and CostCounter.kind is kind
+    assert update.gradients_finite is gradients_finite and CostCounter.kind is kind
     for part in ("perturbed passes, noise and ratios", "clean forward (with autograd)", "backward", LOOP):
         assert parts.seconds[part] > 0
     assert min(parts.seconds.values()) >= 0
