@@ -12,8 +12,8 @@ Token ids cannot take Gaussian noise, so JiT perturbs the output of the token em
 
     python examples/token_classifier.py            # train, forget class 3, print the accuracies
 
-The same flow works for a ``transformers`` ``BertForSequenceClassification`` with
-``perturb_at="bert.embeddings.word_embeddings"``.
+For a ``transformers`` ``BertForSequenceClassification`` the site is ``"bert.embeddings.word_embeddings"``; that
+flow is not run here (a dict batch with its ``attention_mask`` does not reach an unlearning run yet).
 """
 
 from __future__ import annotations
