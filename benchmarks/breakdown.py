@@ -31,6 +31,9 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 from lightning_jit.core import engine
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.engine import JiTRun
+from lightning_jit.core.run import update
+from lightning_jit.core.run.budget import CostBound
+from lightning_jit.core.run.stopping import StoppingRule
 from lightning_jit.lightning.module import JiTUnlearning
 
 #: The work a run books with its cost counter (``CostCounter.kind``) and the component it is shown as.
@@ -56,10 +59,10 @@ TIMED: list[tuple[Any, str, str]] = [
     (JiTUnlearning, "manual_backward", "backward"),
     (LightningOptimizer, "step", "optimizer step"),
     (torch.optim.Optimizer, "zero_grad", "zero_grad"),
-    (engine, "gradients_finite", "finite checks (gradients, weights)"),
-    (engine, "weights_finite", "finite checks (gradients, weights)"),
-    (JiTRun, "_stopping_rule", "stopping rule (window)"),
-    (JiTRun, "_over_budget", "cost bound"),
+    (update, "gradients_finite", "finite checks (gradients, weights)"),
+    (engine, "_weights_finite", "finite checks (gradients, weights)"),
+    (StoppingRule, "update", "stopping rule (window)"),
+    (CostBound, "over", "cost bound"),
     (JiTRun, "start", "per-fit set-up: survey, step calibration"),
     (JiTRun, "finish", "final verification pass"),
     (JiTRun, "step", "engine bookkeeping (rest of JiTRun.step)"),

@@ -3,15 +3,17 @@
 The data are scikit-learn's digits read as "sentences": each 8x8 image is 64 tokens, its pixel values 0-16 (a
 vocabulary of 17). The model is a small transformer encoder (token and position embeddings, two layers, a pooled
 head) that takes ``input_ids`` and an ``attention_mask``, as a text classifier does; its batches are dicts
-``{"input_ids", "attention_mask", "labels"}``, as a tokenizer's collate function gives them.
+``{"input_ids", "attention_mask", "labels"}``, as a tokenizer's collate function gives them. The unlearning engine
+takes one input tensor, so the wrapper reads the ids with ``input_key="input_ids"`` (the masks here are all ones,
+which the model assumes when it gets none; a dict batch with a real mask does not reach an unlearning run yet).
 
 Token ids cannot take Gaussian noise, so JiT perturbs the output of the token embedding instead:
 ``JiTSettings(perturb_at="embed")`` names the module (``"encoder.embeddings"`` for a Hugging Face model). Run::
 
     python examples/token_classifier.py            # train, forget class 3, print the accuracies
 
-The same flow works for a ``transformers`` ``BertForSequenceClassification`` with
-``perturb_at="bert.embeddings.word_embeddings"``.
+For a ``transformers`` ``BertForSequenceClassification`` the site is ``"bert.embeddings.word_embeddings"``; that
+flow is not run here (a dict batch with its ``attention_mask`` does not reach an unlearning run yet).
 """
 
 from __future__ import annotations
@@ -106,18 +108,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pl.Trainer(max_epochs=args.train_epochs, **trainer_kwargs).fit(model, DataLoader(train, 64, shuffle=True))
     before = class_accuracy(model, test, args.forget_class)
 
-    # Forget one class: the forget set is its training samples, in the same dict batches (the attention mask reaches
-    # the model unchanged); JiT's noise goes into the token embedding's output.
+    # Forget one class: the forget set is its training samples, in the same dict batches. The engine takes one input
+    # tensor, so `input_key` picks the ids out of the dict (every mask here is all ones, which the model assumes when
+    # it gets none) and `label_key` the labels; JiT's noise goes into the token embedding's output.
     forget = [i for i in range(len(train)) if int(train.labels[i]) == args.forget_class]
     forget_loader = DataLoader(torch.utils.data.Subset(train, forget), batch_size=64)
-    unlearner = JiTUnlearning(model, settings=JiTSettings(perturb_at="embed"))
+    unlearner = JiTUnlearning(
+        model, settings=JiTSettings(perturb_at="embed"), input_key="input_ids", label_key="labels"
+    )
     pl.Trainer(max_epochs=-1, **trainer_kwargs).fit(unlearner, forget_loader)
     after = class_accuracy(model, test, args.forget_class)
+    after_train = class_accuracy(model, train, args.forget_class)
 
     print(unlearner.verification.verdict)
     print(f"test accuracy on class {args.forget_class}: {before['forgotten']:.1f}% -> {after['forgotten']:.1f}%")
     print(f"test accuracy on the other classes: {before['others']:.1f}% -> {after['others']:.1f}%")
-    return {"outcome": unlearner.outcome, "before": before, "after": after}
+    return {"outcome": unlearner.outcome, "before": before, "after": after, "after_train": after_train}
 
 
 if __name__ == "__main__":

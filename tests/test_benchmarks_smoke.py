@@ -90,8 +90,8 @@ def test_breakdown_times_a_real_fit_and_puts_everything_back():
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_jit import JiTUnlearning
-    from lightning_jit.core import engine
     from lightning_jit.core.cost import CostCounter
+    from lightning_jit.core.run import update
     from lightning_jit.core.weights import gradients_finite
     from lightning_jit.lightning.trainer import quiet_trainer
 
@@ -103,7 +103,7 @@ def test_breakdown_times_a_real_fit_and_puts_everything_back():
     with Breakdown() as parts:
         quiet_trainer(max_epochs=-1).fit(wrapper, data)
     assert "log" not in vars(JiTUnlearning) and JiTUnlearning.log is LightningModule.log
-    assert engine.gradients_finite is gradients_finite and CostCounter.kind is kind
+    assert update.gradients_finite is gradients_finite and CostCounter.kind is kind
     for part in ("perturbed passes, noise and ratios", "clean forward (with autograd)", "backward", LOOP):
         assert parts.seconds[part] > 0
     assert min(parts.seconds.values()) >= 0
@@ -167,3 +167,30 @@ def test_bench_samples_quick_run_judges_every_row_against_retraining(tmp_path, m
     assert {r["method"] for r in rows} == {"original", "retrained", "library", "library, no held-out"}
     assert all(r["outcome"] == "unverifiable" for r in rows if r["method"] == "library, no held-out")
     assert "| **all** |" in summary and (tmp_path / "out" / "summary.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_generalise_token_family_runs_the_library_at_the_embedding(tmp_path, monkeypatch):
+    from benchmarks import bench_generalise
+    from benchmarks import datasets as D
+
+    monkeypatch.setattr(D, "CACHE_DIR", tmp_path / "cache")
+    bench_generalise.main(
+        ["--quick", "--datasets", "token_digits", "--methods", "reference,library", "--out", str(tmp_path / "out")]
+    )
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    # Full-class only, the transformer only (BERT's dict batches do not reach a run), no reference (token ids take no
+    # input noise): one case, its original, its retrained model and the library's run.
+    assert [(r["method"], r["model"], r["kind"]) for r in rows] == [
+        ("original", "transformer", "full-class"),
+        ("retrained", "transformer", "full-class"),
+        ("library", "transformer", "full-class"),
+    ]
+    lib = rows[2]
+    assert lib["n_forget"] == int(
+        (D.load_split("token_digits").y_train == bench_generalise.CLASSES["token_digits"][0]).sum()
+    )
+    assert lib["cost_vs_ref"] == pytest.approx(lib["cost"] / (28 * lib["n_forget"]))
+    forgot, kept = lib["forget_test"] <= 5.0, lib["retained"] >= rows[1]["retained"] - 2.0
+    assert lib["goals"] == {"goal": forgot and kept, "forgot": forgot, "kept": kept,
+                            "honest": (forgot and kept) or lib["outcome"] != "forgotten"}  # fmt: skip

@@ -78,8 +78,13 @@ def test_token_classifier_example_forgets_a_class():
     torch.set_num_threads(1)
     result = main(["--forget_class", "3", "--train_epochs", "8"])
     assert result["before"]["forgotten"] > 80.0  # the trained model knows the class
-    assert result["outcome"] == "forgotten" and result["after"]["forgotten"] <= 5.0
-    assert result["after"]["others"] >= result["before"]["others"] - 5.0
+    # The claim, measured again by the example's own argmax over the training samples of the class: at most the
+    # class target (2.5%) still recognised.
+    assert result["outcome"] == "forgotten" and result["after_train"]["forgotten"] <= 2.5
+    # It carries to the test split: the class's test accuracy falls to under a fifth of the trained model's, and the
+    # other classes keep theirs within 2 points.
+    assert result["after"]["forgotten"] <= result["before"]["forgotten"] / 5
+    assert result["after"]["others"] >= result["before"]["others"] - 2.0
 
 
 def _accuracy(model, x, y) -> float:
