@@ -107,8 +107,8 @@ def _no_hooks(model: nn.Module) -> bool:
 # The input site is today's JiT, bit for bit
 # ----------------------------------------------------------------------------------------------------------------------
 #: sha256 of the final weights of the three runs of :func:`_digits_run`, recorded with the code before the
-#: perturbation site existed (commit dcf3e34), on torch 2.14.1 / x86_64 with one CPU thread (the sums of a matrix product
-#: depend on the thread count, so the test sets it).
+#: perturbation site existed (commit dcf3e34), on torch 2.14.1 / x86_64 with one CPU thread (the sums of a matrix
+#: product depend on the thread count, so the test sets it).
 RECORDED = {
     "defaults": "b7ef96a0cc151659b718f4c5a310f7814705cfeb572817b0921b47f9110666a7",
     "defaults_keyed": "0c6148b81b31c59e497fa5a25407a8d4ef00e57691eb618258f68bf57eacd415",
