@@ -12,6 +12,9 @@ Token ids cannot take Gaussian noise, so JiT perturbs the output of the token em
 
     python examples/token_classifier.py            # train, forget class 3, print the accuracies
 
+The same model and data on the command line (``TokenDigitsDataModule``): ``examples/token_cli.py`` and
+``examples/configs/token_full_class.yaml``.
+
 For a ``transformers`` ``BertForSequenceClassification`` the site is ``"bert.embeddings.word_embeddings"``; that
 flow is not run here (a dict batch with its ``attention_mask`` does not reach an unlearning run yet).
 """
@@ -54,6 +57,40 @@ def load_token_digits(seed: int = 0) -> tuple[TokenDigits, TokenDigits]:
     ids, labels = torch.as_tensor(digits.data, dtype=torch.long), torch.as_tensor(digits.target, dtype=torch.long)
     tr, te = train_test_split(torch.arange(len(labels)), test_size=0.25, random_state=seed, stratify=labels)
     return TokenDigits(ids[tr], labels[tr]), TokenDigits(ids[te], labels[te])
+
+
+class TokenDigitsDataModule(pl.LightningDataModule):
+    """The token digits as a LightningDataModule, for the command line (``examples/token_cli.py``, ``lightning-jit``).
+
+    Its batches are dicts ``{"input_ids", "attention_mask", "labels"}``; the validation and test loaders are the test
+    split. ``lightning-jit unlearn --forget.classes=[3]`` picks the forget set out of its training set.
+
+    Args:
+        batch_size: Batch size of every loader.
+        seed: Seed of the split and of the training loader's shuffling.
+    """
+
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_data: TokenDigits | None = None
+        self.test_data: TokenDigits | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_data is None:
+            self.train_data, self.test_data = load_token_digits(self.hparams.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_data is not None
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_data, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.test_data is not None
+        return DataLoader(self.test_data, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
 
 class TokenClassifier(pl.LightningModule):

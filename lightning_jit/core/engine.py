@@ -133,6 +133,8 @@ class JiTRun:
         self.warn = warn if warn is not None else _warn
         self.params = trainable_parameters(model)
         self.site = site = site_for(settings.perturb_at, model)  # where the noise goes: the input or a module's output
+        if original is not None and original is not model:
+            site.follow(original)  # the frozen original's passes are perturbed and observed at the same place
         self.cost = cost = CostCounter()
         self.forget: Iterable[Any] | None = None
         # The stages, each owning its state.

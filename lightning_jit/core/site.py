@@ -143,6 +143,10 @@ class PerturbationSite:
         """Elements per sample in the site's space (``d`` in ``E||xi|| = sigma * sqrt(d)``), for the inputs ``x``."""
         raise NotImplementedError
 
+    def follow(self, other: nn.Module) -> None:
+        """Act on ``other`` too, a copy of the model the site was made for (a run's ``original=``, whose frozen passes
+        must be perturbed and observed as the model's are). The input site needs nothing."""
+
 
 class InputSite(PerturbationSite):
     """The noise is added to the (floating-point) input: the paper's site and the default.
@@ -224,6 +228,8 @@ class ModuleSite(PerturbationSite):
     def __init__(self, model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -> None:
         self.module = _resolve(model, target)
         self.name = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
+        self._path = next(n for n, m in model.named_modules() if m is self.module)
+        self._modules = [self.module]  # the module, and the same module of the copies the site follows
         self.carrier: Tensor | None = None
         self._dim: int | None = None
 
@@ -252,11 +258,12 @@ class ModuleSite(PerturbationSite):
             self._dim = int(output[0].numel())
             return fn(output)
 
-        handle = self.module.register_forward_hook(hook)
+        handles = [module.register_forward_hook(hook) for module in self._modules]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def perturbing(
@@ -294,11 +301,12 @@ class ModuleSite(PerturbationSite):
                 raise JiTInputError(f"`perturb_at={self.name!r}` names a module the forward pass did not run.")
             return seen.pop()
 
-        handle = self.module.register_forward_hook(lambda module, args, output: keep(output))
+        handles = [module.register_forward_hook(lambda module, args, output: keep(output)) for module in self._modules]
         try:
             yield take
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def space(self, forward: Callable[[Tensor], Any], x: Tensor) -> Tensor:
         self.admit(x)
@@ -329,6 +337,18 @@ class ModuleSite(PerturbationSite):
 
         with self._hook(replace):
             return forward(carrier)
+
+    def follow(self, other: nn.Module) -> None:
+        try:
+            module = other.get_submodule(self._path)
+        except AttributeError:
+            raise JiTSettingError(
+                "original",
+                f"has no module {self._path!r}, the module `perturb_at={self.name!r}` names in the model: give a copy"
+                " of the model from before the run.",
+            ) from None
+        if not any(module is m for m in self._modules):
+            self._modules.append(module)
 
     def dimension(self, x: Tensor) -> int:
         if self._dim is None:
