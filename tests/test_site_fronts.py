@@ -9,7 +9,9 @@ The token model is ``tests/test_site.py``'s (digits as 64 tokens over a vocabula
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -19,9 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_jit import JiTSettingError, JiTSettings, JiTUnlearning
+from lightning_jit import JiTInputError, JiTSettingError, JiTSettings, JiTUnlearning
 from lightning_jit.cli import UNLEARN_RECORD_KEY, main
 from lightning_jit.core.engine import JiTRun
+from lightning_jit.core.site import first_embedding
 from lightning_jit.lightning.data import forget_loader
 from lightning_jit.tune import tune_jit
 from lightning_jit.tune.runner import TRIAL_SEED_STRIDE
@@ -316,3 +319,74 @@ def test_a_separate_original_is_perturbed_at_the_same_module(_token_state, token
     assert all(not m._forward_hooks for m in original.modules())
     with pytest.raises(JiTSettingError, match="original"):
         JiTRun(_fresh(_token_state), settings, original=nn.Sequential(nn.Linear(2, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# perturb_at="auto": the first nn.Embedding for integer inputs, the input for float ones
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def lightning_info(caplog):
+    """The records Lightning's ``rank_zero_info`` writes (the test session sets its logger to errors only)."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+def _site_run(model: nn.Module, loader: DataLoader, **settings) -> tuple[dict[str, Tensor], Any]:
+    unlearner = JiTUnlearning(model, JiTSettings(epochs=1, on_unverified="keep", **settings))
+    quiet_trainer(max_epochs=-1).fit(unlearner, loader)
+    return _weights(model), unlearner
+
+
+def test_auto_picks_the_first_embedding_for_token_ids_bit_for_bit(_token_state, tokens, lightning_info):
+    named, by_name = _site_run(_fresh(_token_state), _forget(tokens), perturb_at="embedding")
+    auto, by_auto = _site_run(_fresh(_token_state), _forget(tokens), perturb_at="auto")
+    assert _max_diff(_token_state, named) > 1e-3
+    assert all(torch.equal(named[k], auto[k]) for k in named)
+    assert by_auto.run.site.name == "embedding" and by_auto.run.site.picked.module is by_auto.model.embedding
+    assert by_auto.verification.cost == by_name.verification.cost
+    picked = [r.getMessage() for r in lightning_info.records if "perturb_at='auto'" in r.getMessage()]
+    assert len(picked) == 1 and "`embedding`" in picked[0]
+
+
+def test_auto_on_float_inputs_is_the_default_path_bit_for_bit(trained_cnn, digits):
+    keep = digits.y_train == FORGOTTEN
+    loader = DataLoader(TensorDataset(digits.x_train[keep][:64], digits.y_train[keep][:64]), batch_size=32)
+    default, by_default = _site_run(copy.deepcopy(trained_cnn), loader)
+    auto, by_auto = _site_run(copy.deepcopy(trained_cnn), loader, perturb_at="auto")
+    assert _max_diff(_weights(trained_cnn), default) > 1e-4
+    assert all(torch.equal(default[k], auto[k]) for k in default)
+    assert by_auto.run.site.name == "input" and by_auto.verification.cost == by_default.verification.cost
+
+
+class _NoEmbedding(nn.Module):
+    """Integer inputs, no ``nn.Embedding``: a one-hot encoding by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(64 * 17, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(nn.functional.one_hot(x, 17).float().flatten(1))
+
+
+def test_auto_without_an_embedding_names_perturb_at(tokens):
+    model = _NoEmbedding()
+    before = _weights(model)
+    with pytest.raises(JiTInputError, match="`perturb_at`"):
+        quiet_trainer().fit(JiTUnlearning(model, perturb_at="auto"), _forget(tokens))
+    assert _max_diff(before, _weights(model)) == 0.0
+
+
+def test_the_first_embedding_of_the_benchmarks_token_models():
+    from benchmarks.datasets import TokenTransformer
+
+    assert first_embedding(TokenTransformer(17, 64, 10)) == "embed"
+    pytest.importorskip("transformers")
+    from benchmarks.datasets import make_bert
+
+    assert first_embedding(make_bert(17, 64, 10)) == "bert.embeddings.word_embeddings"

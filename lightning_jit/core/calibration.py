@@ -154,7 +154,7 @@ def survey_forget_set(
             if x.shape[0] == 0:
                 continue
             with site.observe() as take:
-                if seen is None or labels is None or not isinstance(site, InputSite):
+                if seen is None or labels is None or not site.perturbs_input:
                     # The model's width and the order of its weight modules come from the first forward. After it, a
                     # labelled batch needs no forward at the input site (its classes are its labels); an unlabelled
                     # one needs the original's predictions, and a module site the activations it perturbs.

@@ -23,7 +23,7 @@ from lightning_jit.core.checks import boolean, choice, integer, is_number, non_n
 from lightning_jit.core.errors import JiTSettingError
 from lightning_jit.core.guard import GuardSettings
 from lightning_jit.core.noise import PerturbationSpec, resolve_perturbation
-from lightning_jit.core.site import INPUT, check_site_spec
+from lightning_jit.core.site import AUTO, INPUT, check_site_spec
 
 Reduction = Literal["mean", "sum"]
 Task = Literal["auto", "class", "random"]
@@ -135,7 +135,8 @@ class JiTSettings:
             (``"embedding"``, ``"encoder.embeddings"``) or a callable ``fn(model) -> module``: the noise is added to
             that module's output through a forward hook, as for models over token ids. ``sigma``,
             ``logit_norm_sigma``, the unitless ratio's dimension and the class probes are then in that output's space,
-            and ``clamp`` must be None.
+            and ``clamp`` must be None. ``"auto"``: the input for floating-point inputs, the output of the model's
+            first ``nn.Embedding`` for integer ones (announced at the start).
         seed: Seed of the noise and of the probes. With per-sample ids in the batches (``(x, y, id)`` or
             ``{"id": ...}``) each sample's noise is keyed by ``(seed, id, epoch)``, so it does not depend on the batch
             or the process; without ids a generator seeded with ``seed`` is used. ``None``: the global RNG.
@@ -199,7 +200,7 @@ class JiTSettings:
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.perturb_at not in (None, INPUT) and self.clamp is not None:
+        if self.perturb_at not in (None, INPUT, AUTO) and self.clamp is not None:
             raise JiTSettingError(
                 "clamp",
                 f"clamps perturbed inputs, but `perturb_at={self.perturb_at!r}` perturbs a module's output: set"

@@ -59,6 +59,8 @@ NoiseRows = Callable[[Tensor], Tensor]
 
 #: The name ``perturb_at`` gives the input site (the default) explicitly; no module can be named so.
 INPUT = "input"
+#: ``perturb_at="auto"``: the input for floating-point inputs, the first ``nn.Embedding``'s output for integer ones.
+AUTO = "auto"
 _DOTTED = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -104,6 +106,8 @@ class PerturbationSite:
     """
 
     name: str = "input"
+    #: Whether the noise goes to the input itself (then a labelled batch's survey needs no forward pass).
+    perturbs_input: bool = True
 
     def admit(self, x: Tensor) -> None:
         """Check a forget batch's input ``x`` for this site (and remember what the site needs from it).
@@ -224,6 +228,8 @@ class ModuleSite(PerturbationSite):
         >>> torch.equal(site.run(net, z), net(x)), site.dimension(x)
         (True, 6)
     """
+
+    perturbs_input = False
 
     def __init__(self, model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -> None:
         self.module = _resolve(model, target)
@@ -356,6 +362,97 @@ class ModuleSite(PerturbationSite):
         return self._dim
 
 
+def first_embedding(model: nn.Module) -> str | None:
+    """The dotted name of ``model``'s first ``nn.Embedding``, in the order the model registers its modules (a token
+    model's token embedding: ``embed`` of a small encoder, ``bert.embeddings.word_embeddings`` of a BERT), or ``None``.
+
+    Example:
+        >>> first_embedding(nn.Sequential(nn.Linear(2, 2), nn.Embedding(4, 2))), first_embedding(nn.Linear(2, 2))
+        ('1', None)
+    """
+    return next((name for name, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+
+
+class AutoSite(PerturbationSite):
+    """``perturb_at="auto"``: the site is picked from the first forget input it sees. Floating-point inputs take the
+    input site (the default's behaviour, bit for bit); integer inputs (token ids, categorical features) take the
+    output of the model's first ``nn.Embedding`` (:func:`first_embedding`), and the pick is announced once. A model
+    over integer inputs without an embedding gets the error that names ``perturb_at``.
+
+    Args:
+        model: The model.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+        >>> site = AutoSite(net)
+        >>> site.admit(torch.tensor([[1, 2]]))
+        >>> site.name, type(site.picked).__name__, site.perturbs_input
+        ('0', 'ModuleSite', False)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.picked: PerturbationSite | None = None
+        self._followed: list[nn.Module] = []
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.picked.name if self.picked is not None else AUTO
+
+    @property
+    def perturbs_input(self) -> bool:  # type: ignore[override]
+        return self._site().perturbs_input
+
+    def _site(self) -> PerturbationSite:
+        if self.picked is None:
+            raise RuntimeError("`perturb_at='auto'` picks its site from the first forget input: call `admit(x)` first.")
+        return self.picked
+
+    def admit(self, x: Tensor) -> None:
+        if self.picked is None:
+            embedding = None if torch.is_floating_point(x) else first_embedding(self.model)
+            if embedding is None:
+                site: PerturbationSite = InputSite(self.model)
+                site.admit(x)  # integer inputs without an embedding: the error that names `perturb_at`
+            else:
+                site = ModuleSite(self.model, embedding)
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(
+                    f"JiT: the forget inputs are {x.dtype} ids, so the noise goes to the output of the model's first"
+                    f" `nn.Embedding`, `{embedding}` (perturb_at='auto'). Name another module with"
+                    f" `perturb_at` if that is not the token embedding."
+                )
+            for other in self._followed:
+                site.follow(other)
+            self.picked = site
+        self.picked.admit(x)
+
+    def follow(self, other: nn.Module) -> None:
+        if self.picked is not None:
+            self.picked.follow(other)
+        else:
+            self._followed.append(other)
+
+    def perturbing(
+        self, rows: Tensor, noise: NoiseRows, *, clean_first: bool = False, bounds: Any = None
+    ) -> contextlib.AbstractContextManager[Perturbed]:
+        return self._site().perturbing(rows, noise, clean_first=clean_first, bounds=bounds)
+
+    def observe(self) -> contextlib.AbstractContextManager[Callable[[Tensor], Tensor]]:
+        return self._site().observe()
+
+    def space(self, forward: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+        self.admit(x)
+        return self._site().space(forward, x)
+
+    def run(self, forward: Callable[[Tensor], Any], z: Tensor) -> Any:
+        return self._site().run(forward, z)
+
+    def dimension(self, x: Tensor) -> int:
+        return self._site().dimension(x)
+
+
 def _resolve(model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -> nn.Module:
     if isinstance(target, str):
         try:
@@ -388,17 +485,22 @@ def site_for(spec: SiteSpec, model: nn.Module) -> PerturbationSite:
         return spec
     if spec is None or spec == INPUT:
         return InputSite(model)
+    if spec == AUTO:
+        return AutoSite(model)
     check_site_spec("perturb_at", spec)
     return ModuleSite(model, spec)
 
 
 __all__ = [
+    "AUTO",
     "INPUT",
+    "AutoSite",
     "InputSite",
     "ModuleSite",
     "PerturbationSite",
     "Perturbed",
     "SiteSpec",
     "check_site_spec",
+    "first_embedding",
     "site_for",
 ]
