@@ -287,10 +287,11 @@ def test_sigma_comes_from_the_embedding_output(token_model, tokens):
     assert _no_hooks(token_model)
 
 
-def test_integer_inputs_without_a_site_name_perturb_at(token_model, tokens):
+def test_integer_inputs_at_the_input_site_name_perturb_at(token_model, tokens):
+    """``perturb_at="input"`` (the default picks the embedding: ``tests/test_site_fronts.py``)."""
     before = {k: v.clone() for k, v in token_model.state_dict().items()}
     with pytest.raises(JiTInputError, match="perturb_at='embedding'"):
-        quiet_trainer().fit(JiTUnlearning(token_model), _forget(tokens))
+        quiet_trainer().fit(JiTUnlearning(token_model, perturb_at="input"), _forget(tokens))
     assert all(torch.equal(v, token_model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(JiTInputError, match="`perturb_at`"):
         jit_objective(token_model, tokens[0][:4], 1.0, 2)

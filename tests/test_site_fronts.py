@@ -134,12 +134,12 @@ def test_the_cli_forgets_a_class_of_the_token_example(tmp_path, monkeypatch, cap
     assert config["jit"]["perturb_at"] == "embed" and config["batch"]["input_key"] == "input_ids"
 
 
-def test_the_cli_without_a_site_names_the_setting_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    """Token ids without ``perturb_at``: one error line naming ``--jit.perturb_at`` and the model's embedding."""
+def test_the_cli_at_the_input_site_names_the_setting_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Token ids with ``--jit.perturb_at=input``: one error line naming ``--jit.perturb_at`` and the embedding."""
     monkeypatch.chdir(ROOT)
     ckpt = _token_checkpoint(tmp_path / "tokens.ckpt", epochs=0)
     out, run = tmp_path / "unlearned.ckpt", tmp_path / "run"
-    code = main(_cli(ckpt, run, f"--output={out}", "--jit.perturb_at=null", "--jit.epochs=1"))
+    code = main(_cli(ckpt, run, f"--output={out}", "--jit.perturb_at=input", "--jit.epochs=1"))
     err = capsys.readouterr().err
     assert code != 0 and "--jit.perturb_at=embed" in err, err[-3000:]
     assert not out.exists()
@@ -236,10 +236,12 @@ class _Preempted(pl.Callback):
             raise RuntimeError("preempted")
 
 
-def test_resuming_with_a_module_site_equals_the_uninterrupted_run(_token_state, tokens, tmp_path):
-    """As ``tests/test_outcomes.py``'s resume test, with ``perturb_at``: the run's state (probes, sigma in the
-    embedding's units, the noise) comes back from the checkpoint and the weights are the uninterrupted run's."""
-    settings = JiTSettings(perturb_at="embedding", epochs=3, target_forget_accuracy=0.0, on_unverified="keep")
+@pytest.mark.parametrize("perturb_at", ["embedding", None])
+def test_resuming_with_a_module_site_equals_the_uninterrupted_run(_token_state, tokens, tmp_path, perturb_at):
+    """As ``tests/test_outcomes.py``'s resume test, with a module site (named, or the default's pick): the run's state
+    (probes, sigma in the embedding's units, the noise) comes back from the checkpoint and the weights are the
+    uninterrupted run's."""
+    settings = JiTSettings(perturb_at=perturb_at, epochs=3, target_forget_accuracy=0.0, on_unverified="keep")
 
     whole = _fresh(_token_state)
     quiet_trainer(max_epochs=-1).fit(JiTUnlearning(whole, settings), _forget(tokens))
@@ -284,6 +286,19 @@ def test_the_tuner_runs_its_trials_through_the_site(token_model, tokens):
     assert len(result.trials) == 2 and all(t.history for t in result.trials)
     assert result.jit_settings().perturb_at == "embedding"
     assert yaml.safe_load(result.to_yaml())["jit"]["perturb_at"] == "embedding"
+
+    # With no setting the trials and the judge pick the same embedding: the same table.
+    default = tune_jit(
+        token_model,
+        forget,
+        progress=False,
+        trainer_kwargs={"accelerator": "cpu"},
+        sigma_range=(0.1, 1.0),
+        probes_per_class=2,
+        seed=3,
+        **tiny,
+    )
+    assert [t.history for t in default.trials] == [t.history for t in result.trials]
 
     trial = result.trials[-1]
     model = copy.deepcopy(token_model)
@@ -342,25 +357,28 @@ def _site_run(model: nn.Module, loader: DataLoader, **settings) -> tuple[dict[st
     return _weights(model), unlearner
 
 
-def test_auto_picks_the_first_embedding_for_token_ids_bit_for_bit(_token_state, tokens, lightning_info):
+@pytest.mark.parametrize("auto", [None, "auto"])
+def test_the_default_picks_the_first_embedding_for_token_ids_bit_for_bit(_token_state, tokens, lightning_info, auto):
     named, by_name = _site_run(_fresh(_token_state), _forget(tokens), perturb_at="embedding")
-    auto, by_auto = _site_run(_fresh(_token_state), _forget(tokens), perturb_at="auto")
+    picked, by_auto = _site_run(_fresh(_token_state), _forget(tokens), perturb_at=auto)
     assert _max_diff(_token_state, named) > 1e-3
-    assert all(torch.equal(named[k], auto[k]) for k in named)
+    assert all(torch.equal(named[k], picked[k]) for k in named)
     assert by_auto.run.site.name == "embedding" and by_auto.run.site.picked.module is by_auto.model.embedding
     assert by_auto.verification.cost == by_name.verification.cost
-    picked = [r.getMessage() for r in lightning_info.records if "perturb_at='auto'" in r.getMessage()]
-    assert len(picked) == 1 and "`embedding`" in picked[0]
+    said = [r.getMessage() for r in lightning_info.records if "perturb_at='auto'" in r.getMessage()]
+    assert len(said) == 1 and "`embedding`" in said[0]
 
 
-def test_auto_on_float_inputs_is_the_default_path_bit_for_bit(trained_cnn, digits):
+@pytest.mark.parametrize("auto", [None, "auto"])
+def test_the_default_on_float_inputs_is_the_input_site_bit_for_bit(trained_cnn, digits, auto):
+    """The explicit input site is the paper's JiT (``tests/test_site.py`` checks it against recorded weights)."""
     keep = digits.y_train == FORGOTTEN
     loader = DataLoader(TensorDataset(digits.x_train[keep][:64], digits.y_train[keep][:64]), batch_size=32)
-    default, by_default = _site_run(copy.deepcopy(trained_cnn), loader)
-    auto, by_auto = _site_run(copy.deepcopy(trained_cnn), loader, perturb_at="auto")
-    assert _max_diff(_weights(trained_cnn), default) > 1e-4
-    assert all(torch.equal(default[k], auto[k]) for k in default)
-    assert by_auto.run.site.name == "input" and by_auto.verification.cost == by_default.verification.cost
+    at_input, by_input = _site_run(copy.deepcopy(trained_cnn), loader, perturb_at="input")
+    picked, by_auto = _site_run(copy.deepcopy(trained_cnn), loader, perturb_at=auto)
+    assert _max_diff(_weights(trained_cnn), at_input) > 1e-4
+    assert all(torch.equal(at_input[k], picked[k]) for k in at_input)
+    assert by_auto.run.site.name == "input" and by_auto.verification.cost == by_input.verification.cost
 
 
 class _NoEmbedding(nn.Module):
@@ -374,11 +392,12 @@ class _NoEmbedding(nn.Module):
         return self.head(nn.functional.one_hot(x, 17).float().flatten(1))
 
 
-def test_auto_without_an_embedding_names_perturb_at(tokens):
+@pytest.mark.parametrize("auto", [None, "auto"])
+def test_integer_inputs_without_an_embedding_name_perturb_at(tokens, auto):
     model = _NoEmbedding()
     before = _weights(model)
     with pytest.raises(JiTInputError, match="`perturb_at`"):
-        quiet_trainer().fit(JiTUnlearning(model, perturb_at="auto"), _forget(tokens))
+        quiet_trainer().fit(JiTUnlearning(model, perturb_at=auto), _forget(tokens))
     assert _max_diff(before, _weights(model)) == 0.0
 
 

@@ -130,13 +130,14 @@ class JiTSettings:
             :func:`~lightning_jit.core.noise.register_perturbation` (``"gaussian"``, the paper's) or a callable.
         perturbation_chunk: Most perturbed samples per no-grad forward pass (bounds peak memory independently of
             ``N``); ``"auto"``: by device; ``None``: all at once.
-        perturb_at: Where the noise goes (:mod:`lightning_jit.core.site`). ``None`` (or ``"input"``, explicitly):
-            the input (the paper's JiT; it needs floating-point inputs). A module's dotted name in the model
+        perturb_at: Where the noise goes (:mod:`lightning_jit.core.site`). ``None`` (or ``"auto"``): the input for
+            floating-point inputs (the paper's JiT), the output of the model's first ``nn.Embedding`` for integer
+            inputs (announced at the start; an error naming this setting when the model has none). ``"input"``: the
+            input, always (it needs floating-point inputs). A module's dotted name in the model
             (``"embedding"``, ``"encoder.embeddings"``) or a callable ``fn(model) -> module``: the noise is added to
             that module's output through a forward hook, as for models over token ids. ``sigma``,
             ``logit_norm_sigma``, the unitless ratio's dimension and the class probes are then in that output's space,
-            and ``clamp`` must be None. ``"auto"``: the input for floating-point inputs, the output of the model's
-            first ``nn.Embedding`` for integer ones (announced at the start).
+            and ``clamp`` must be None.
         seed: Seed of the noise and of the probes. With per-sample ids in the batches (``(x, y, id)`` or
             ``{"id": ...}``) each sample's noise is keyed by ``(seed, id, epoch)``, so it does not depend on the batch
             or the process; without ids a generator seeded with ``seed`` is used. ``None``: the global RNG.

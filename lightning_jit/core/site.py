@@ -3,8 +3,10 @@
 JiT estimates how much the model's output moves when a forget sample moves a little. *Where* the sample moves is the
 site's business, and nothing else in the package decides it:
 
-* :class:`InputSite` (the default, and the paper's): the noise is added to the input. It needs floating-point
-  inputs.
+* :class:`InputSite` (the paper's; ``perturb_at="input"``): the noise is added to the input. It needs
+  floating-point inputs.
+* :class:`AutoSite` (the default, ``perturb_at=None`` or ``"auto"``): the input site for floating-point inputs, and
+  for integer inputs the module site at the model's first ``nn.Embedding``, announced when it is picked.
 * :class:`ModuleSite` (``JiTSettings(perturb_at="embedding")``): the noise is added to the output of one module
   through a forward hook, which is removed after every perturbed pass, also when the pass raises. This is how models
   over token ids (or categorical features) are unlearned: ``perturb_at`` names their embedding, and the smoothing
@@ -51,15 +53,16 @@ from torch import Tensor, nn
 
 from lightning_jit.core.errors import JiTInputError, JiTSettingError
 
-#: What ``perturb_at`` takes: ``None`` or ``"input"`` (the input), a module's dotted name in the model, or
-#: ``fn(model) -> module``.
+#: What ``perturb_at`` takes: ``None`` or ``"auto"`` (the input, or the first ``nn.Embedding`` for integer inputs),
+#: ``"input"`` (the input), a module's dotted name in the model, or ``fn(model) -> module``.
 SiteSpec = str | Callable[[nn.Module], nn.Module] | None
 #: ``noise(like) -> Tensor``: the noise to add to ``like`` (the perturbed rows in the site's space), shaped like it.
 NoiseRows = Callable[[Tensor], Tensor]
 
-#: The name ``perturb_at`` gives the input site (the default) explicitly; no module can be named so.
+#: The name ``perturb_at`` gives the input site explicitly; no module can be named so.
 INPUT = "input"
-#: ``perturb_at="auto"``: the input for floating-point inputs, the first ``nn.Embedding``'s output for integer ones.
+#: ``perturb_at="auto"`` (what ``None`` does): the input for floating-point inputs, the first ``nn.Embedding``'s output
+#: for integer ones. No module can be named so.
 AUTO = "auto"
 _DOTTED = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
@@ -72,7 +75,8 @@ def check_site_spec(name: str, value: Any) -> Any:
         return value
     raise JiTSettingError(
         name,
-        f"must be None or 'input' (perturb the input), a module's dotted name in the model such as 'embedding' or"
+        f"must be None or 'auto' (the input, or the first nn.Embedding for integer inputs), 'input' (the input), a"
+        f" module's dotted name in the model such as 'embedding' or"
         f" 'encoder.embeddings', or a callable `fn(model) -> module`, got {value!r}.",
     )
 
@@ -374,10 +378,10 @@ def first_embedding(model: nn.Module) -> str | None:
 
 
 class AutoSite(PerturbationSite):
-    """``perturb_at="auto"``: the site is picked from the first forget input it sees. Floating-point inputs take the
-    input site (the default's behaviour, bit for bit); integer inputs (token ids, categorical features) take the
-    output of the model's first ``nn.Embedding`` (:func:`first_embedding`), and the pick is announced once. A model
-    over integer inputs without an embedding gets the error that names ``perturb_at``.
+    """The default site (``perturb_at=None``, or ``"auto"``): picked from the first forget input it sees.
+    Floating-point inputs take the input site (the paper's JiT, bit for bit); integer inputs (token ids, categorical
+    features) take the output of the model's first ``nn.Embedding`` (:func:`first_embedding`), and the pick is
+    announced once. A model over integer inputs without an embedding gets the error that names ``perturb_at``.
 
     Args:
         model: The model.
@@ -420,7 +424,7 @@ class AutoSite(PerturbationSite):
 
                 rank_zero_info(
                     f"JiT: the forget inputs are {x.dtype} ids, so the noise goes to the output of the model's first"
-                    f" `nn.Embedding`, `{embedding}` (perturb_at='auto'). Name another module with"
+                    f" `nn.Embedding`, `{embedding}` (perturb_at='auto', the default). Name another module with"
                     f" `perturb_at` if that is not the token embedding."
                 )
             for other in self._followed:
@@ -473,19 +477,21 @@ def _resolve(model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -
 
 
 def site_for(spec: SiteSpec, model: nn.Module) -> PerturbationSite:
-    """The site a ``perturb_at`` setting names, on ``model``: :class:`InputSite` for ``None`` or ``"input"`` (the
-    input, named explicitly), else :class:`ModuleSite`. A :class:`PerturbationSite` given as is is used as it is.
+    """The site a ``perturb_at`` setting names, on ``model``: :class:`AutoSite` for ``None`` (the default) or
+    ``"auto"`` (the input for floating-point inputs, the first ``nn.Embedding``'s output for integer ones),
+    :class:`InputSite` for ``"input"`` (the input, named explicitly), else :class:`ModuleSite`. A
+    :class:`PerturbationSite` given as is is used as it is.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Flatten())
-        >>> type(site_for(None, net)).__name__, site_for("0", net).name
-        ('InputSite', '0')
+        >>> type(site_for(None, net)).__name__, type(site_for("input", net)).__name__, site_for("0", net).name
+        ('AutoSite', 'InputSite', '0')
     """
     if isinstance(spec, PerturbationSite):
         return spec
-    if spec is None or spec == INPUT:
+    if spec == INPUT:
         return InputSite(model)
-    if spec == AUTO:
+    if spec is None or spec == AUTO:
         return AutoSite(model)
     check_site_spec("perturb_at", spec)
     return ModuleSite(model, spec)

@@ -213,10 +213,10 @@ class Judge:
 
     def _site(self, model: nn.Module) -> PerturbationSite | None:
         """The runs' perturbation site on ``model`` (each trial's model is its own copy), or ``None`` for the input."""
-        if self.perturb_at is None:
-            return None
-        site = site_for(self.perturb_at, model)
         assert self._carrier is not None
+        if self.perturb_at is None and torch.is_floating_point(self._carrier):
+            return None  # the input, as the default runs perturb it
+        site = site_for(self.perturb_at, model)
         site.admit(self._carrier.to(_device_of(model)))
         return site
 
