@@ -93,6 +93,8 @@ class JiTRun:
         original: The model whose outputs the retain terms hold (default: ``model`` as it is at :meth:`start`).
         collectives: How the processes split batches and agree (default: one process).
         warn: Where warnings go (the fronts pass ``rank_zero_warn``).
+        info: Where notices go, e.g. which module the default site picked for token ids (the fronts pass
+            ``rank_zero_info``; default: the ``lightning_jit`` logger at INFO level).
 
     Example:
         >>> from lightning_jit.core.settings import JiTSettings
@@ -121,6 +123,7 @@ class JiTRun:
         original: nn.Module | None = None,
         collectives: Collectives | None = None,
         warn: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -132,7 +135,9 @@ class JiTRun:
         self.collectives = coll = collectives if collectives is not None else Collectives()
         self.warn = warn if warn is not None else _warn
         self.params = trainable_parameters(model)
-        self.site = site = site_for(settings.perturb_at, model)  # where the noise goes: the input or a module's output
+        self.site = site = site_for(
+            settings.perturb_at, model, announce=info
+        )  # where the noise goes: the input or a module's output
         if original is not None and original is not model:
             site.follow(original)  # the frozen original's passes are perturbed and observed at the same place
         self.cost = cost = CostCounter()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -385,6 +386,8 @@ class AutoSite(PerturbationSite):
 
     Args:
         model: The model.
+        announce: Where the pick is announced (the fronts pass ``rank_zero_info``; default: the ``lightning_jit``
+            logger at INFO level).
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
@@ -394,8 +397,9 @@ class AutoSite(PerturbationSite):
         ('0', 'ModuleSite', False)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, announce: Callable[[str], None] | None = None) -> None:
         self.model = model
+        self.announce = announce if announce is not None else logging.getLogger("lightning_jit").info
         self.picked: PerturbationSite | None = None
         self._followed: list[nn.Module] = []
 
@@ -420,9 +424,7 @@ class AutoSite(PerturbationSite):
                 site.admit(x)  # integer inputs without an embedding: the error that names `perturb_at`
             else:
                 site = ModuleSite(self.model, embedding)
-                from lightning.pytorch.utilities import rank_zero_info
-
-                rank_zero_info(
+                self.announce(
                     f"JiT: the forget inputs are {x.dtype} ids, so the noise goes to the output of the model's first"
                     f" `nn.Embedding`, `{embedding}` (perturb_at='auto', the default). Name another module with"
                     f" `perturb_at` if that is not the token embedding."
@@ -476,11 +478,12 @@ def _resolve(model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -
     return module
 
 
-def site_for(spec: SiteSpec, model: nn.Module) -> PerturbationSite:
+def site_for(spec: SiteSpec, model: nn.Module, announce: Callable[[str], None] | None = None) -> PerturbationSite:
     """The site a ``perturb_at`` setting names, on ``model``: :class:`AutoSite` for ``None`` (the default) or
     ``"auto"`` (the input for floating-point inputs, the first ``nn.Embedding``'s output for integer ones),
     :class:`InputSite` for ``"input"`` (the input, named explicitly), else :class:`ModuleSite`. A
-    :class:`PerturbationSite` given as is is used as it is.
+    :class:`PerturbationSite` given as is is used as it is. ``announce`` is where :class:`AutoSite` says what it
+    picked.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Flatten())
@@ -492,7 +495,7 @@ def site_for(spec: SiteSpec, model: nn.Module) -> PerturbationSite:
     if spec == INPUT:
         return InputSite(model)
     if spec is None or spec == AUTO:
-        return AutoSite(model)
+        return AutoSite(model, announce)
     check_site_spec("perturb_at", spec)
     return ModuleSite(model, spec)
 

@@ -616,6 +616,7 @@ class JiTUnlearningCallback(Callback):
             retain=self.retain,
             collectives=collectives(trainer, None, type(self).__name__),
             warn=rank_zero_warn,
+            info=rank_zero_info,
         )
         optimizer = run.make_optimizer()
         forward = _StrategyForward(strategy.model if strategy.model is not None else pl_module, pl_module)

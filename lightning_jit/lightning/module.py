@@ -304,6 +304,7 @@ class JiTUnlearning(pl.LightningModule):
             original=self._original[0] if self._original else None,
             collectives=collectives(self.trainer, self.trainer.train_dataloader, type(self).__name__),
             warn=rank_zero_warn,
+            info=rank_zero_info,
         )
         io = self._atomic_io()
         if io is not None:
