@@ -270,7 +270,7 @@ def check_no_knob(name: str, accelerator: str, tiny: bool) -> dict[str, Any]:
     """The README's path on a larger model: ``JiTUnlearning(model, seed=0)``, ``max_epochs=-1``, forget class 0."""
     cuda = accelerator == "gpu"
     device = torch.device("cuda" if cuda else "cpu")
-    # The smoke: ResNet18 (its stride reaches 1x1 by its third stage) on 8x8 images, the tiny ViT on 16x16.
+    # The smoke: ResNet18 on 8x8 images (1x1 from its second stage on; every layer still runs), the tiny ViT on 16x16.
     size = (8 if name == "resnet18" else 16) if tiny else 32
     train = SyntheticImages(100 if tiny else 5000, size, seed=0)
     test = SyntheticImages(50 if tiny else 1000, size, seed=1)
