@@ -5,10 +5,15 @@ Run by ``tests/test_sharded.py`` (2 CPU processes, gloo) and by the GPU check (e
 so the sharded run cannot live inside a pytest process. The launching process is rank 0: it writes the full weights
 and the outcome it holds to ``--out``.
 
+``--runs`` names the runs, one after the other in the same processes (one launch, one process group): ``wrapper``
+(the default), ``retain`` (the wrapper with ``retain=``) and ``callback`` (``JiTUnlearningCallback`` in a training job
+whose module shards itself). With one run ``--out`` holds ``{"weights", "summary"}``; with several, ``{run: {"weights",
+"summary"}}``.
+
 Example::
 
     python benchmarks/sharded_fit.py --state trained.pt --out one.pt
-    python benchmarks/sharded_fit.py --state trained.pt --out two.pt --devices 2 --shard [--retain] [--front callback]
+    python benchmarks/sharded_fit.py --state trained.pt --out two.pt --devices 2 --shard --runs wrapper,callback
 """
 
 from __future__ import annotations
@@ -44,39 +49,25 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--state", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--retain", action="store_true")
-    parser.add_argument("--front", choices=("wrapper", "callback"), default="wrapper")
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--shard", action="store_true", help="FSDP2 over --devices (even one)")
-    args = parser.parse_args()
-    if args.accelerator == "cpu":
-        torch.set_num_threads(1)
+RUNS = ("wrapper", "retain", "callback")
+
+
+def run(name: str, state: dict[str, torch.Tensor], sharded: dict) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """One run (see ``--runs``) with the Trainer arguments ``sharded``: the full weights after it, its summary, and
+    this process's global rank."""
     digits = load_digits_split()
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
     data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
     kept = torch.nonzero(~mask).flatten()[:20]
-    retain = (
-        DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10) if args.retain else None
-    )
-    # Lightning's files and the callback's audit file go next to --out.
-    sharded: dict = {
-        "accelerator": args.accelerator,
-        "devices": args.devices,
-        "default_root_dir": Path(args.out).parent,
-    }
-    if args.shard:  # FSDP2 over every process, as docs/scale.md teaches it
-        sharded["strategy"] = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-    elif args.devices > 1:
-        raise SystemExit("--devices above 1 needs --shard")
-    if args.front == "wrapper":
+    if name in ("wrapper", "retain"):
+        retain = (
+            DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10)
+            if name == "retain"
+            else None
+        )
         model = DigitsCNN()
-        model.load_state_dict(torch.load(args.state, map_location="cpu"))
+        model.load_state_dict(state)
         unlearner = JiTUnlearning(model, seed=0, retain=retain, on_unverified="keep")  # the path the README teaches
         trainer = quiet_trainer(max_epochs=-1, use_distributed_sampler=False, **sharded)
         trainer.fit(unlearner, forget_loader(data))
@@ -84,16 +75,49 @@ def main() -> None:
         summary = {"outcome": str(record.outcome), "n_forget": record.n_forget, "accuracy": record.forget_accuracy}
     else:
         model = ShardedDigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
-        model.load_state_dict(torch.load(args.state, map_location="cpu"))
+        model.load_state_dict(state)
         callback = JiTUnlearningCallback(data, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
         job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
         trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback], **sharded)
         trainer.fit(model, job)
         weights = full_weights(model)
-        run = callback.ledger.runs[-1]
-        summary = {"outcome": str(run["outcome"]), "counts": run["counts"], "forgotten": len(callback.ledger)}
-    if trainer.global_rank == 0:
-        torch.save({"weights": weights, "summary": summary}, args.out)
+        last = callback.ledger.runs[-1]
+        summary = {"outcome": str(last["outcome"]), "counts": last["counts"], "forgotten": len(callback.ledger)}
+    return weights, summary, trainer.global_rank
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--runs", default="wrapper", help=f"comma-separated, in order, from {', '.join(RUNS)}")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--shard", action="store_true", help="FSDP2 over --devices (even one)")
+    args = parser.parse_args()
+    names = args.runs.split(",")
+    if not names or any(n not in RUNS for n in names):
+        raise SystemExit(f"--runs takes names from {', '.join(RUNS)}, comma-separated; got {args.runs!r}")
+    if args.accelerator == "cpu":
+        torch.set_num_threads(1)
+    if args.devices > 1 and not args.shard:
+        raise SystemExit("--devices above 1 needs --shard")
+    state = torch.load(args.state, map_location="cpu")
+    results, rank = {}, 0
+    for name in names:
+        # Lightning's files go next to --out. FSDP2 over every process, as docs/scale.md teaches it: a new strategy
+        # per run (the launch and the process group are the first run's).
+        sharded: dict = {
+            "accelerator": args.accelerator,
+            "devices": args.devices,
+            "default_root_dir": Path(args.out).parent,
+        }
+        if args.shard:
+            sharded["strategy"] = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+        weights, summary, rank = run(name, state, sharded)
+        results[name] = {"weights": weights, "summary": summary}
+    if rank == 0:
+        torch.save(results[names[0]] if len(names) == 1 else results, args.out)
     if torch.distributed.is_initialized():
         # Every rank leaves the process group together: left to each process's exit, one rank's gloo teardown can
         # race the other's exit and abort it ("terminate called without an active exception").

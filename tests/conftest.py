@@ -11,7 +11,7 @@ import torch
 
 from lightning_jit.demo.data import DigitsCNN, load_digits_split, train_classifier
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # see _one_torch_thread below
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -62,3 +62,12 @@ def _fresh_distributed_env():
     yield
     for name in _DISTRIBUTED_ENV:
         os.environ.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Start every test on one torch thread, whatever the test before it set (some benchmarks' entry points set
+    their own count and keep it). The models here are tiny: one thread runs them fastest, and far faster than two
+    when the machine is shared, where waiting threads spin."""
+    torch.set_num_threads(1)
+    yield

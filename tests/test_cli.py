@@ -524,22 +524,26 @@ def test_dataset_labels_follow_the_batch_format():
 # The installed script, in a subprocess (exit codes as a shell sees them)
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_installed_script_exit_codes(ckpt, tmp_path):
+def test_installed_script_exit_codes(ckpt, tmp_path, capsys, monkeypatch):
+    """Each exit code of ``main`` for the command line's cases, then the installed script in a subprocess for one of
+    them (3), which proves that the script exits with what ``main`` returns, as a shell sees it."""
     script = Path(sys.executable).parent / "lightning-jit"
     assert script.exists(), "the package is not installed: `pip install -e .`"
+    monkeypatch.chdir(tmp_path)  # where the script runs below
+
+    assert main(["--help"]) == 0
+    capsys.readouterr()
+    assert main(_unlearn(ckpt, tmp_path / "run", "--jit.sigma=abc")) == 2
+    bad = capsys.readouterr().err
+    assert len(_errors(bad)) == 1 and "--jit.sigma" in bad
+    assert main(_unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'x.ckpt'}", "--batch.input_key=5", *QUICK)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("lightning-jit: error:")
+    done = main(_unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'ok.ckpt'}", *QUICK))
+    assert done == 0, capsys.readouterr().err[-2000:]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-    assert run("--help").returncode == 0
-    bad = run(*_unlearn(ckpt, tmp_path / "run", "--jit.sigma=abc"))
-    assert bad.returncode == 2 and len(_errors(bad.stderr)) == 1 and "--jit.sigma" in bad.stderr
-    failed = run(*_unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'x.ckpt'}", "--batch.input_key=5", *QUICK))
-    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].startswith("lightning-jit: error:")
-    done = run(*_unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'ok.ckpt'}", *QUICK))
-    assert done.returncode == 0, done.stderr[-2000:]
-    kept = run(*_unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'no.ckpt'}", *QUICK, *NOT_ENOUGH))
+    args = _unlearn(ckpt, tmp_path / "run", f"--output={tmp_path / 'no.ckpt'}", *QUICK, *NOT_ENOUGH)
+    kept = subprocess.run([str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert kept.returncode == 3 and kept.stderr.strip().splitlines()[-1].startswith(
         "lightning-jit unlearn: NOT forgotten"
     )

@@ -27,6 +27,7 @@ from lightning_jit.demo.data import DigitsCNN
 from lightning_jit.lightning.distributed import check_strategy_support, shard_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sharded_fit.py"
+RUNS = ("wrapper", "retain", "callback")  # sharded_fit.py's --runs
 
 
 def _fit(state_path: Path, out: Path, devices: int, *flags: str) -> dict:
@@ -43,15 +44,25 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [(), ("--retain",), ("--front", "callback")], ids=["wrapper", "retain", "callback"])
-def test_fsdp2_on_two_processes_gives_the_one_process_weights_and_outcome(_trained_state, tmp_path, flags):
-    """The no-knob path under the documented rule (ids, ``seed=``, ``use_distributed_sampler=False``), sharded with
-    ``fully_shard`` over 2 CPU processes, against one unsharded process; the launching process holds the outcome."""
+@pytest.fixture(scope="module")
+def fsdp2_runs(_trained_state, tmp_path_factory) -> dict[str, dict]:
+    """The three runs of ``sharded_fit.py`` (wrapper, wrapper with ``retain=``, callback), each on one unsharded process
+    and sharded over 2: one launch per side, the three runs one after the other in the same processes."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2")
     state_path = tmp_path / "trained.pt"
     torch.save(_trained_state, state_path)
-    one = _fit(state_path, tmp_path / "one.pt", 1, *flags)
-    two = _fit(state_path, tmp_path / "two.pt", 2, "--shard", *flags)
+    runs = ",".join(RUNS)
+    one = _fit(state_path, tmp_path / "one.pt", 1, "--runs", runs)
+    two = _fit(state_path, tmp_path / "two.pt", 2, "--shard", "--runs", runs)
+    return {"one": one, "two": two}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_on_two_processes_gives_the_one_process_weights_and_outcome(_trained_state, fsdp2_runs, run):
+    """The no-knob path under the documented rule (ids, ``seed=``, ``use_distributed_sampler=False``), sharded with
+    ``fully_shard`` over 2 CPU processes, against one unsharded process; the launching process holds the outcome."""
+    one, two = fsdp2_runs["one"][run], fsdp2_runs["two"][run]
     update = _max_diff(one["weights"], _trained_state)
     assert update > 1e-2  # the run moved the weights
     assert _max_diff(one["weights"], two["weights"]) <= 1e-5 * update

@@ -504,9 +504,12 @@ def test_settings_tuned_on_one_class_forget_another(trained_cnn, digits):
 
 
 @pytest.mark.slow
-def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, tmp_path):
+def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, tmp_path, capsys):
+    """``tune`` and its usage errors through the console script's ``main`` in this process (one thread, as a shell
+    would run it), then ``unlearn`` with the tuned settings as ``python -m lightning_jit`` in a subprocess."""
     import lightning.pytorch as pl
 
+    from lightning_jit.cli import main
     from lightning_jit.data import DigitsCNN  # the pre-0.2 path the config and the checkpoint name
 
     model = DigitsCNN()
@@ -526,9 +529,6 @@ def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, t
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     tune = [
-        sys.executable,
-        "-m",
-        "lightning_jit",
         "tune",
         "--config",
         str(tmp_path / "cfg.yaml"),
@@ -539,20 +539,25 @@ def test_cli_tune_writes_settings_that_unlearn_accepts(_trained_state, digits, t
         "--max_epochs",
         "6",
     ]
-    done = subprocess.run(tune, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    tuned_text = (tmp_path / "tune" / "tuned.yaml").read_text()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(tune) == 0, capsys.readouterr().err[-3000:]
+        capsys.readouterr()
+        tuned_text = (tmp_path / "tune" / "tuned.yaml").read_text()
+        again = main(tune)
+        again_err = capsys.readouterr().err
+        bad = main([*tune, "--overwrite", "--n_configs", "0"])
+        bad_err = capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
     tuned = yaml.safe_load(tuned_text)["jit"]
     assert tuned["sigma"] != 9.0 and tuned["normalize_logits"] is True and tuned["target_forget_accuracy"] == 15.0
     assert (tmp_path / "tune" / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(chosen)" in (tmp_path / "tune" / "trials.md").read_text()
 
-    again = subprocess.run(tune, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 2 and "--out" in again.stderr and "--overwrite" in again.stderr
-    bad = subprocess.run(
-        [*tune, "--overwrite", "--n_configs", "0"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert bad.returncode == 2 and "--n_configs" in bad.stderr
+    assert again == 2 and "--out" in again_err and "--overwrite" in again_err
+    assert bad == 2 and "--n_configs" in bad_err
     assert (tmp_path / "tune" / "tuned.yaml").read_text() == tuned_text  # a usage error writes nothing
 
     unlearn = [
