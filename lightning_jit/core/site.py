@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.batch import ModelInput, batch_size, concat, describe_input, detached, index, map_tensors
 from lightning_jit.core.errors import JiTInputError, JiTSettingError
 
 #: What ``perturb_at`` takes: ``None`` or ``"input"`` (the input), a module's dotted name in the model, or
@@ -163,12 +164,21 @@ class InputSite(PerturbationSite):
     def __init__(self, model: nn.Module | None = None) -> None:
         self.model = model
 
-    def admit(self, x: Tensor) -> None:
-        if torch.is_floating_point(x):
+    def admit(self, x: ModelInput) -> None:
+        if isinstance(x, Tensor) and torch.is_floating_point(x):
             return
         embeddings = [n for n, m in self.model.named_modules() if isinstance(m, nn.Embedding)] if self.model else []
         example = embeddings[0] if embeddings else "embedding"
         found = f" The model's first `nn.Embedding` is `{example}`." if embeddings else ""
+        if not isinstance(x, Tensor):
+            raise JiTInputError(
+                f"The forget batch input is a {type(x).__name__} ({describe_input(x)}), and JiT perturbs the input by"
+                " default, which needs one floating-point tensor. For a model that takes several fields (token ids"
+                " with an attention mask, a dict or tuple input) set `perturb_at` to the module whose output the"
+                f" noise goes to, e.g. `perturb_at={example!r}` (`--jit.perturb_at={example}`); the other fields then"
+                f" reach the model unchanged.{found} Or set `input_key` / `batch_to_input` so that the input is one"
+                " floating-point tensor."
+            )
         raise JiTInputError(
             f"The forget batch input has dtype {x.dtype}, and JiT perturbs the input by default, which needs floating"
             f" point inputs. For token ids (or other categorical inputs) set `perturb_at` to the module whose output"
@@ -224,12 +234,12 @@ class ModuleSite(PerturbationSite):
     def __init__(self, model: nn.Module, target: str | Callable[[nn.Module], nn.Module]) -> None:
         self.module = _resolve(model, target)
         self.name = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
-        self.carrier: Tensor | None = None
+        self.carrier: ModelInput = None
         self._dim: int | None = None
 
-    def admit(self, x: Tensor) -> None:
+    def admit(self, x: ModelInput) -> None:
         if self.carrier is None:
-            self.carrier = x[:1].detach().clone()
+            self.carrier = detached(index(x, slice(0, 1)), clone=True)
 
     @contextlib.contextmanager
     def _hook(self, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
@@ -264,14 +274,15 @@ class ModuleSite(PerturbationSite):
     ) -> Iterator[Perturbed]:
         if bounds is not None:
             raise JiTSettingError("clamp", f"clamps inputs; with `perturb_at={self.name!r}` it must be None.")
-        n = rows.shape[0]
-        p = Perturbed(torch.cat([rows, rows]) if clean_first else rows)
+        n = batch_size(rows)
+        p = Perturbed(concat([rows, rows]) if clean_first else rows)
+        rows_in = 2 * n if clean_first else n
 
         def add(output: Tensor) -> Tensor:
-            if output.shape[0] != p.inputs.shape[0]:
+            if output.shape[0] != rows_in:
                 raise JiTInputError(
                     f"The output of `perturb_at={self.name!r}` has {output.shape[0]} rows for a batch of"
-                    f" {p.inputs.shape[0]}: name a module whose output has the batch first."
+                    f" {rows_in}: name a module whose output has the batch first."
                 )
             part = output[n:] if clean_first else output
             perturbed = part + noise(part).to(output.dtype)
@@ -317,7 +328,10 @@ class ModuleSite(PerturbationSite):
     def run(self, forward: Callable[[Tensor], Any], z: Tensor) -> Any:
         if self.carrier is None:
             raise RuntimeError("A module site runs probes on a forget input: call `admit(x)` first.")
-        carrier = self.carrier.to(z.device).expand(z.shape[0], *self.carrier.shape[1:])
+        carrier = map_tensors(
+            lambda t: t.to(z.device).expand(z.shape[0], *t.shape[1:]) if t.dim() >= 1 else t.to(z.device),
+            self.carrier,
+        )
 
         def replace(output: Tensor) -> Tensor:
             if output.shape[1:] != z.shape[1:]:
