@@ -63,6 +63,7 @@ class ForgetSurvey:
             1.0 if they are constant).
         weight_modules: The model's :data:`WEIGHT_MODULES`, in the order the forward pass ran them.
         starts: Up to ``reservoir`` forget inputs drawn uniformly (where counterfactual probes start).
+        structured: Whether the forget inputs are dicts or tuples of tensors (token ids with their attention mask).
     """
 
     n: int
@@ -71,6 +72,8 @@ class ForgetSurvey:
     std: float
     weight_modules: list[nn.Module] = field(default_factory=list, repr=False)
     starts: Tensor | None = field(default=None, repr=False)
+    #: Whether the model's input is a dict or tuple of tensors, not one tensor.
+    structured: bool = False
 
     @property
     def task(self) -> Task:
@@ -141,9 +144,11 @@ def survey_forget_set(
     first: ModelInput = None
     kept: list[ModelInput] = []
     drawn = 0
+    structured = False
     try:
         for batch in forget:
             x = move(batch_format.forget_input(batch, structured=True), device)
+            structured = structured or not isinstance(x, Tensor)
             site.admit(x)  # the input site refuses what it cannot perturb (a dict input, token ids), naming the fix
             labels = batch_format.labels(batch)
             first = index(x, slice(None, 1)) if first is None else first
@@ -196,6 +201,7 @@ def survey_forget_set(
         std=std if std > 0 and math.isfinite(std) else 1.0,
         weight_modules=order,
         starts=stack(kept) if kept else None,
+        structured=structured,
     )
 
 

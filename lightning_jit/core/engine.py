@@ -221,6 +221,13 @@ class JiTRun:
         if forget is not None:
             survey_model = held.reference if held.reference is not None else self.batch_format.caller(self.model)
             found = calib.survey_forget(survey_model, self.model, forget, self.batch_format, self.cost, device)
+            if found.structured and self.is_sample_request:
+                raise JiTInputError(
+                    "A sample request (`task='random'` without a target) moves the weights off held-out margin"
+                    " gradients computed per sample, which take one input tensor, and the forget input is a dict or"
+                    " tuple of tensors. Sample requests on such inputs are not supported yet: set `input_key` or"
+                    " `batch_to_input` so that the input is one tensor, or forget whole classes (`task='class'`)."
+                )
             self.stopping.resize(found.n)
             calib.scope_to(self.model)
             probes = held.synthesise(found, calib.task, device)
