@@ -106,20 +106,21 @@ class PerturbationSite:
 
     name: str = "input"
 
-    def admit(self, x: Tensor) -> None:
-        """Check a forget batch's input ``x`` for this site (and remember what the site needs from it).
+    def admit(self, x: ModelInput) -> None:
+        """Check a forget batch's input ``x`` (one tensor, or a dict or tuple of tensors) for this site, and remember
+        what the site needs from it.
 
         Raises:
             JiTInputError: for an input the site cannot perturb.
         """
 
     def perturbing(
-        self, rows: Tensor, noise: NoiseRows, *, clean_first: bool = False, bounds: Any = None
+        self, rows: ModelInput, noise: NoiseRows, *, clean_first: bool = False, bounds: Any = None
     ) -> contextlib.AbstractContextManager[Perturbed]:
         """A context in which ``forward(p.inputs)`` is the model on ``rows`` with ``noise`` added at the site.
 
         Args:
-            rows: The inputs of the pass.
+            rows: The inputs of the pass (a module site takes a dict or tuple input too: it only joins it).
             noise: Called with the rows of the site's space that the noise goes to; returns the noise, shaped alike.
             clean_first: The pass takes ``rows`` twice: a clean copy first, then the perturbed one (so that one pass
                 evaluates both, as the logit-norm penalty's reference does); ``noise`` still sees ``len(rows)`` rows.
