@@ -351,3 +351,42 @@ def test_bert_objective_on_a_dict_batch_against_a_per_sample_loop_and_its_mask(b
             ratios.append(float((clean[b] - moved[0]).norm() / xi[b].norm()))
     assert got.item() == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
     assert _no_hooks(bert)
+
+
+class KeyedDictSet(DictSet):
+    """A :class:`DictSet` whose samples carry their id (``"id"``), for keyed noise under DDP."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "id": torch.tensor(i)}
+
+
+def _run_on(devices: int, state, data) -> dict[str, torch.Tensor]:
+    from tests._utils import release_process_group
+
+    net = MaskedTokenNet()
+    net.load_state_dict(state)
+    # No cost bound: every process runs the probes and the guard's checks in full, and the bound sums the processes'
+    # counts, so two processes reach it a pass earlier than one (the same for a one-tensor input; not this test's).
+    wrapper = JiTUnlearning(net, perturb_at="embedding", seed=0, on_unverified="keep", max_cost=None)
+    trainer = quiet_trainer(
+        max_epochs=-1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        callbacks=[release_process_group()],
+    )
+    trainer.fit(wrapper, DataLoader(data, batch_size=32))
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_dict_batches_give_the_same_weights_on_one_and_two_processes(_state, tokens):
+    """DDP shards each dict batch field by field (the mask with its ids): two processes reach the one-process
+    weights."""
+    ids, mask, y = tokens[:3]
+    keep = torch.nonzero(y == FORGOTTEN).flatten()[:96]
+    data = KeyedDictSet(ids[keep], mask[keep], y[keep])
+    one, two = _run_on(1, _state, data), _run_on(2, _state, data)
+    update = max(float((one[k] - v).abs().max()) for k, v in _state.items())
+    assert update > 1e-2
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5 * update
