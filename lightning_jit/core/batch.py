@@ -147,6 +147,114 @@ def move(x: ModelInput, device: torch.device | str | None = None, dtype: torch.d
     return map_tensors(lambda t: t.to(device=device, dtype=dtype if torch.is_floating_point(t) else None), x)
 
 
+def stack(rows: Sequence[ModelInput]) -> ModelInput:
+    """The single-sample inputs ``rows`` (all of one structure, as :func:`index` with an int gives them) stacked into
+    a batch.
+
+    Example:
+        >>> x = {"ids": torch.arange(6).view(3, 2), "mask": torch.ones(3, 2)}
+        >>> stack([index(x, 2), index(x, 0)])["ids"].tolist()
+        [[4, 5], [0, 1]]
+    """
+    if not rows:
+        raise JiTInputError("Cannot stack an empty list of inputs.")
+    if isinstance(rows[0], Tensor):
+        return torch.stack(list(rows))
+    columns = iter([torch.stack(column) for column in zip(*(tensors(r) for r in rows), strict=True)])
+    return map_tensors(lambda _: next(columns), rows[0])
+
+
+def device_of(x: ModelInput) -> torch.device:
+    """The device of ``x``'s first tensor.
+
+    Example:
+        >>> device_of({"mask": torch.ones(2), "n": 3})
+        device(type='cpu')
+    """
+    found = tensors(x)
+    if not found:
+        raise JiTInputError(f"The input {describe_input(x)} holds no tensor.")
+    return found[0].device
+
+
+def move_like(x: ModelInput, like: ModelInput) -> ModelInput:
+    """``x`` on ``like``'s device: one tensor also in ``like``'s dtype (as ``x.to(like)``) when both are tensors;
+    a dict or tuple moved field by field, its floating-point fields cast to ``like``'s dtype when ``like`` is a
+    floating-point tensor.
+
+    Example:
+        >>> x = {"ids": torch.tensor([[1]]), "w": torch.ones(1, 1)}
+        >>> moved = move_like(x, torch.zeros(1, dtype=torch.float64))
+        >>> moved["ids"].dtype, moved["w"].dtype
+        (torch.int64, torch.float64)
+    """
+    if isinstance(x, Tensor) and isinstance(like, Tensor):
+        return x.to(device=like.device, dtype=like.dtype)
+    dtype = like.dtype if isinstance(like, Tensor) and torch.is_floating_point(like) else None
+    return move(x, device_of(like), dtype)
+
+
+def same_layout(a: ModelInput, b: ModelInput) -> bool:
+    """Whether two inputs can be joined by :func:`concat`: the same structure, and per tensor the same sample shape,
+    dtype and device.
+
+    Example:
+        >>> same_layout({"ids": torch.zeros(2, 3)}, {"ids": torch.zeros(5, 3)})
+        True
+        >>> same_layout(torch.zeros(2, 3), torch.zeros(2, 4))
+        False
+    """
+    ta, tb = tensors(a), tensors(b)
+    if len(ta) != len(tb) or type(a) is not type(b):
+        return False
+    if isinstance(a, Mapping) and list(a) != list(b):
+        return False
+    return all(
+        s.shape[1:] == t.shape[1:] and s.dtype == t.dtype and s.device == t.device and s.dim() == t.dim()
+        for s, t in zip(ta, tb, strict=True)
+    )
+
+
+def detached(x: ModelInput, clone: bool = False) -> ModelInput:
+    """``x`` with every tensor detached (and cloned, with ``clone``).
+
+    Example:
+        >>> detached({"w": torch.ones(1, requires_grad=True)})["w"].requires_grad
+        False
+    """
+    return map_tensors(lambda t: t.detach().clone() if clone else t.detach(), x)
+
+
+def input_caller(model: Callable[..., Any], unpack: bool = True) -> Callable[[ModelInput], Any]:
+    """``model`` as a callable of the model's input as one argument (:func:`call_model`): the form every forward of
+    the JiT core takes (``forward(x)``), whatever the input's structure. A one-tensor input calls ``model(x)``.
+
+    Example:
+        >>> forward = input_caller(lambda input_ids, attention_mask: input_ids * attention_mask)
+        >>> forward({"input_ids": torch.tensor([3, 4]), "attention_mask": torch.tensor([1, 0])})
+        tensor([3, 0])
+    """
+    if getattr(model, "takes_model_input", False):  # already one (e.g. a FrozenReference)
+        return model
+    return InputCaller(model, unpack)
+
+
+class InputCaller:
+    """A model called on its input as one argument, see :func:`input_caller`."""
+
+    #: Marks a callable that takes the model's input as one argument (:func:`input_caller` leaves it as it is).
+    takes_model_input = True
+
+    def __init__(self, model: Callable[..., Any], unpack: bool = True) -> None:
+        self.model = model
+        self.unpack = unpack
+
+    def __call__(self, x: ModelInput) -> Any:
+        if isinstance(x, Tensor):
+            return self.model(x)
+        return call_model(self.model, x, self.unpack)
+
+
 def call_model(model: Callable[..., Any], x: ModelInput, unpack: bool = True) -> Any:
     """``model``'s output on ``x``: a dict is passed as keyword arguments and a tuple or list as positional ones
     (``unpack=False``: as one argument), a tensor as the one argument.
@@ -399,6 +507,10 @@ class BatchFormat:
         ``input`` that gave it, when given, is named in the message)."""
         logits = select_output(output, self.output_selector, self.num_classes)
         return check_logits(logits, batch_size, input) if batch_size is not None else logits
+
+    def caller(self, model: Callable[..., Any]) -> Callable[[ModelInput], Any]:
+        """``model`` as a callable of the input as one argument (:func:`input_caller`, with ``unpack_input``)."""
+        return input_caller(model, self.unpack_input)
 
     def call(self, model: Callable[..., Any], x: ModelInput) -> Any:
         """``model``'s raw output on the input ``x`` (:func:`call_model`)."""

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, detached, index, move, stack
 from lightning_jit.core.errors import JiTInputError, forward_failure
 from lightning_jit.core.site import InputSite, PerturbationSite
 
@@ -63,6 +63,7 @@ class ForgetSurvey:
             1.0 if they are constant).
         weight_modules: The model's :data:`WEIGHT_MODULES`, in the order the forward pass ran them.
         starts: Up to ``reservoir`` forget inputs drawn uniformly (where counterfactual probes start).
+        structured: Whether the forget inputs are dicts or tuples of tensors (token ids with their attention mask).
     """
 
     n: int
@@ -71,6 +72,8 @@ class ForgetSurvey:
     std: float
     weight_modules: list[nn.Module] = field(default_factory=list, repr=False)
     starts: Tensor | None = field(default=None, repr=False)
+    #: Whether the model's input is a dict or tuple of tensors, not one tensor.
+    structured: bool = False
 
     @property
     def task(self) -> Task:
@@ -138,20 +141,22 @@ def survey_forget_set(
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # samples, elements, sum, sum of squares
     seen: Tensor | None = None
     width = 0
-    first: Tensor | None = None
-    kept: list[Tensor] = []
+    first: ModelInput = None
+    kept: list[ModelInput] = []
     drawn = 0
+    structured = False
     try:
         for batch in forget:
-            x = batch_format.forget_input(batch).to(device)
-            site.admit(x)
+            x = move(batch_format.forget_input(batch, structured=True), device)
+            structured = structured or not isinstance(x, Tensor)
+            site.admit(x)  # the input site refuses what it cannot perturb (a dict input, token ids), naming the fix
             labels = batch_format.labels(batch)
-            first = x[:1] if first is None else first
+            first = index(x, slice(None, 1)) if first is None else first
             if reservoir:
-                kept, drawn = _reservoir(kept, drawn, x.detach(), reservoir, generator)
+                kept, drawn = _reservoir(kept, drawn, detached(x), reservoir, generator)
             if shard is not None:
                 x, labels = shard(x, labels)
-            if x.shape[0] == 0:
+            if batch_size(x) == 0:
                 continue
             with site.observe() as take:
                 if seen is None or labels is None or not site.perturbs_input:
@@ -159,7 +164,7 @@ def survey_forget_set(
                     # labelled batch needs no forward at the input site (its classes are its labels); an unlabelled
                     # one needs the original's predictions, and a module site the activations it perturbs.
                     try:
-                        logits = batch_format.logits(reference(x), x.shape[0])
+                        logits = batch_format.logits(reference(x), batch_size(x))
                     except (RuntimeError, TypeError) as err:
                         raise forward_failure(model, x, err) from err
                     width = int(logits.shape[1])
@@ -176,7 +181,7 @@ def survey_forget_set(
                 seen = torch.zeros(width, dtype=torch.float64, device=device)
             seen.index_add_(0, found, torch.ones_like(found, dtype=torch.float64))
             xf = space.double()
-            stats += torch.stack([xf.new_tensor(x.shape[0]), xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()])
+            stats += torch.stack([xf.new_tensor(batch_size(x)), xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()])
         if seen is None and first is not None:  # this process's share was empty: the model's width, from one input
             seen = torch.zeros(batch_format.logits(reference(first), 1).shape[1], dtype=torch.float64, device=device)
     finally:
@@ -195,22 +200,25 @@ def survey_forget_set(
         classes=seen.nonzero().flatten().tolist(),
         std=std if std > 0 and math.isfinite(std) else 1.0,
         weight_modules=order,
-        starts=torch.stack(kept) if kept else None,
+        starts=stack(kept) if kept else None,
+        structured=structured,
     )
 
 
 def _reservoir(
-    kept: list[Tensor], drawn: int, x: Tensor, size: int, generator: torch.Generator | None
-) -> tuple[list[Tensor], int]:
-    """Reservoir sampling (algorithm R): after ``drawn`` items, keep each new one with probability ``size / i``."""
-    for row in x:
+    kept: list[ModelInput], drawn: int, x: ModelInput, size: int, generator: torch.Generator | None
+) -> tuple[list[ModelInput], int]:
+    """Reservoir sampling (algorithm R): after ``drawn`` items, keep each new one with probability ``size / i``
+    (the rows of a dict or tuple input field by field)."""
+    rows = iter(x) if isinstance(x, Tensor) else (index(x, i) for i in range(batch_size(x)))
+    for row in rows:
         drawn += 1
         if len(kept) < size:
-            kept.append(row.clone())
+            kept.append(detached(row, clone=True))
         else:
             j = int(torch.randint(0, drawn, (1,), generator=generator))
             if j < size:
-                kept[j] = row.clone()
+                kept[j] = detached(row, clone=True)
     return kept, drawn
 
 

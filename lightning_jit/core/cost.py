@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_jit.core.batch import tensors
+
 #: The kinds of work a run books its passes under, in report order.
 KINDS = (
     "calibration",
@@ -83,15 +85,16 @@ class CostCounter:
         finally:
             self._kind = previous
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        first = args[0] if args else None
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # The first tensor the forward was given: positional, or in a dict or tuple input (keyword arguments).
+        first = next(iter(tensors((args, kwargs))), None)
         n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
         self.counts[self._kind] += n * (3 if torch.is_grad_enabled() else 1)
 
     def attach(self, model: nn.Module) -> None:
         """Start counting the forwards of ``model`` (idempotent)."""
         if self._handle is None:
-            self._handle = model.register_forward_hook(self._hook)
+            self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def detach(self) -> None:
         """Stop counting."""

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import OutputSelector, select_output
+from lightning_jit.core.batch import (
+    ModelInput,
+    OutputSelector,
+    batch_size,
+    concat,
+    device_of,
+    index,
+    move,
+    select_output,
+)
+from lightning_jit.core.batch import batch_size as count
 from lightning_jit.core.errors import MisconfigurationException
 from lightning_jit.core.probes import counterfactual_probes, run_in_space
 from lightning_jit.core.site import PerturbationSite
@@ -69,7 +79,7 @@ class DistillationSet:
 
     def __init__(
         self,
-        probes: Tensor,
+        probes: ModelInput,
         classes: Tensor,
         targets: Tensor,
         per_step: float = PROBES_PER_STEP,
@@ -115,7 +125,10 @@ class DistillationSet:
         differentiable = reference.differentiable
         if site is not None:
             starts = torch.cat(
-                [site.space(reference, starts[i : i + SYNTHESIS_CHUNK]) for i in range(0, len(starts), SYNTHESIS_CHUNK)]
+                [
+                    site.space(reference, index(starts, slice(i, i + SYNTHESIS_CHUNK)))
+                    for i in range(0, batch_size(starts), SYNTHESIS_CHUNK)
+                ]
             )
 
             def differentiable(z: Tensor) -> Any:
@@ -163,27 +176,29 @@ class DistillationSet:
         Raises:
             MisconfigurationException: for an empty retain loader.
         """
-        inputs: list[Tensor] = []
+        inputs: list[ModelInput] = []
         labels: list[Tensor] | None = []
         kept = 0
         for batch in retain:
-            x = batch_format.forget_input(batch).to(device)[: limit - kept]
+            x = index(move(batch_format.forget_input(batch, structured=True), device), slice(None, limit - kept))
             y = batch_format.labels(batch)
             if y is None or labels is None:
                 labels = None
             else:
-                labels.append(y.to(device).long()[: x.shape[0]])
+                labels.append(y.to(device).long()[: batch_size(x)])
             inputs.append(x)
-            kept += x.shape[0]
+            kept += batch_size(x)
             if kept >= limit:
                 break
         if not kept:
             raise MisconfigurationException("`retain` is empty: pass a loader of samples you keep, or None.")
-        x = torch.cat(inputs)
+        x = concat(inputs)
         targets = torch.cat(
             [
-                torch.log_softmax(batch_format.logits(reference(x[i : i + SYNTHESIS_CHUNK])).float(), dim=1)
-                for i in range(0, x.shape[0], SYNTHESIS_CHUNK)
+                torch.log_softmax(
+                    batch_format.logits(reference(index(x, slice(i, i + SYNTHESIS_CHUNK)))).float(), dim=1
+                )
+                for i in range(0, batch_size(x), SYNTHESIS_CHUNK)
             ]
         )
         distill = cls(x, targets.argmax(1), targets)
@@ -212,10 +227,10 @@ class DistillationSet:
         if not bool(sibling.any()):
             return None
         recognised = sibling & top1_hits(self.targets, labels)
-        held = (self.probes[recognised], labels[recognised])
+        held = (index(self.probes, recognised), labels[recognised])
         keep = ~sibling
         self.probes, self.classes, self.targets, self.labels = (
-            self.probes[keep],
+            index(self.probes, keep),
             self.classes[keep],
             self.targets[keep],
             labels[keep],
@@ -226,12 +241,12 @@ class DistillationSet:
         self, model: nn.Module | Callable[[Tensor], Any], batch_size: int, output_selector: OutputSelector = None
     ) -> Tensor:
         """The mean KL divergence over this step's probes, with gradients through ``model``."""
-        n = self.probes.shape[0]
+        n = count(self.probes)
         k = min(n, max(1, math.ceil(self.per_step * batch_size)))
-        take = (torch.arange(k, device=self.probes.device) + self._offset) % n
+        take = (torch.arange(k, device=device_of(self.probes)) + self._offset) % n
         self._offset = (self._offset + k) % n
         self.taken = k
-        logits = select_output(run_in_space(self.site, model, self.probes[take]), output_selector).float()
+        logits = select_output(run_in_space(self.site, model, index(self.probes, take)), output_selector).float()
         return F.kl_div(torch.log_softmax(logits, dim=1), self.targets[take], log_target=True, reduction="batchmean")
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_jit.core import matching as sample_matching
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, index
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTDivergenceError, JiTInputError, JiTSettingError, forward_failure
 from lightning_jit.core.guard import GuardSettings
@@ -224,10 +224,17 @@ class JiTRun:
         held.setup(original, self.retain_source, device)
         if held.retain is not None:
             self.budget.retain_setup = self.cost.counts["retain"]
-            calib.calibrated["retain_samples"] = int(held.retain.probes.shape[0])
+            calib.calibrated["retain_samples"] = batch_size(held.retain.probes)
         if forget is not None:
-            survey_model = held.reference if held.reference is not None else self.model
+            survey_model = held.reference if held.reference is not None else self.batch_format.caller(self.model)
             found = calib.survey_forget(survey_model, self.model, forget, self.batch_format, self.cost, device)
+            if found.structured and self.is_sample_request:
+                raise JiTInputError(
+                    "A sample request (`task='random'` without a target) moves the weights off held-out margin"
+                    " gradients computed per sample, which take one input tensor, and the forget input is a dict or"
+                    " tuple of tensors. Sample requests on such inputs are not supported yet: set `input_key` or"
+                    " `batch_to_input` so that the input is one tensor, or forget whole classes (`task='class'`)."
+                )
             self.stopping.resize(found.n)
             calib.scope_to(self.model)
             probes = held.synthesise(found, calib.task, device)
@@ -340,9 +347,10 @@ class JiTRun:
         if self.request.settled:
             # Settled at the start (no held-out data, or the held-out test already passes): no update.
             return StepReport(loss=torch.zeros(()), count=0, stop=True)
-        forward = forward if forward is not None else self.model
-        x = self.batch_format.forget_input(batch)
-        self.site.admit(x)
+        # Every forward of the core takes the model's input as one argument: a dict or tuple input is unpacked here.
+        forward = self.batch_format.caller(forward if forward is not None else self.model)
+        x = self.batch_format.forget_input(batch, structured=True)
+        self.site.admit(x)  # the input site refuses an input it cannot perturb (a dict, token ids), naming the fix
         try:
             if self.rollback.check is not None and not self.rollback.check.begun:
                 self.rollback.watch_probes(self.held.probes)
@@ -608,7 +616,7 @@ class JiTRun:
             "verification": self.verification.as_dict() if self.verification is not None else None,
         }
 
-    def _raise_if_batch_does_not_fit(self, x: Tensor, forward_context: ForwardContext, err: BaseException) -> None:
+    def _raise_if_batch_does_not_fit(self, x: ModelInput, forward_context: ForwardContext, err: BaseException) -> None:
         """After an error inside the step: if the batch alone does not go through the model, say so (naming the
         batch and the model); otherwise the error was not the batch's and keeps its own type and message."""
         try:
@@ -618,7 +626,7 @@ class JiTRun:
                 within(forward_context),
                 self.cost.kind("other"),
             ):
-                self.batch_format.logits(self.model(x[:1]), 1)
+                self.batch_format.logits(self.batch_format.call(self.model, index(x, slice(0, 1))), 1)
         except (RuntimeError, TypeError, JiTInputError) as fit_error:
             raise forward_failure(self.model, x, fit_error) from err
         except Exception:  # noqa: BLE001 - any other failure of the probe leaves the original error to speak

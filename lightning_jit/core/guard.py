@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, describe_input, detached, move, move_like
 from lightning_jit.core.checks import boolean, choice, in_range, integer, validate
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
 from lightning_jit.core.noise import resolve_perturbation
@@ -110,19 +110,19 @@ class GuardEvent:
         return asdict(self)
 
 
-def monitor_logits(model: nn.Module, batch_format: BatchFormat, batch: Any, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The model's logits and the labels of one ``monitor`` batch, moved to ``like``'s device and dtype; a batch that
-    cannot be read or does not fit the model raises ``MisconfigurationException`` naming ``monitor``."""
+def monitor_logits(model: nn.Module, batch_format: BatchFormat, batch: Any, like: ModelInput) -> tuple[Tensor, Tensor]:
+    """The model's logits and the labels of one ``monitor`` batch, moved to ``like``'s device and dtype
+    (:func:`~lightning_jit.core.batch.move_like`; a dict or tuple input where ``like``, a forget input, is one); a batch
+    that cannot be read or does not fit the model raises ``MisconfigurationException`` naming ``monitor``."""
     try:
-        x, y = batch_format.input_and_labels(batch, "monitor")
+        x, y = batch_format.input_and_labels(batch, "monitor", structured=True)
     except JiTInputError as err:
         raise MisconfigurationException(f"`monitor` yielded a batch JiT cannot read: {err}") from err
     try:
-        return batch_format.logits(model(x.to(device=like.device, dtype=like.dtype))), y
+        return batch_format.logits(batch_format.call(model, move_like(x, like))), y
     except (RuntimeError, TypeError) as err:
-        raise MisconfigurationException(
-            f"`monitor` batch of shape {tuple(x.shape)} does not fit `model`: {err}"
-        ) from err
+        found = f"of shape {tuple(x.shape)}" if isinstance(x, Tensor) else describe_input(x)
+        raise MisconfigurationException(f"`monitor` batch {found} does not fit `model`: {err}") from err
 
 
 class CollapseCheck:
@@ -153,7 +153,7 @@ class CollapseCheck:
         self.last: dict[str, float] = {}
         self.halvings = 0
         self.checks = 0
-        self._probes: tuple[Tensor, Tensor] | None = None
+        self._probes: tuple[ModelInput, Tensor] | None = None
         #: The run's class probes and the original's class for each (set by the engine when it holds probes).
         self.class_probes: tuple[Tensor, Tensor] | None = None
 
@@ -161,18 +161,18 @@ class CollapseCheck:
     def begun(self) -> bool:
         return self._probes is not None
 
-    def begin(self, model: nn.Module, x: Tensor, forward_context: Callable[[], Any] | None = None) -> None:
+    def begin(self, model: nn.Module, x: ModelInput, forward_context: Callable[[], Any] | None = None) -> None:
         """Keep the probes (``x``, the first forget inputs, and noise like them) and measure the model before the run.
 
         Raises:
             MisconfigurationException: if the model's outputs or weights are already non-finite.
         """
-        x = x.detach()
+        x = detached(x)
         generator = torch.Generator().manual_seed(self.guard.probe_seed)
         self.site.admit(x)
         context = forward_context() if forward_context is not None else contextlib.nullcontext()
         with torch.no_grad(), normalization_mode(model, "eval"), context:
-            space = self.site.space(model, x).detach()
+            space = self.site.space(self.batch_format.caller(model), x).detach()
         mean = float(space.float().mean())
         std = float(space.float().std()) if space.numel() > 1 else 0.0
         std = std if math.isfinite(std) and std > 0 else 1.0
@@ -181,7 +181,7 @@ class CollapseCheck:
             torch.Size((self.guard.n_noise_probes, *space.shape[1:])), generator, torch.device("cpu"), torch.float32
         )
         noise = mean + std * unit
-        self._probes = (x.clone(), noise.to(device=space.device, dtype=space.dtype))
+        self._probes = (detached(x, clone=True), noise.to(device=space.device, dtype=space.dtype))
         try:
             measures = self.measure(model, forward_context)
         except BaseException:
@@ -207,11 +207,12 @@ class CollapseCheck:
         context = forward_context() if forward_context is not None else contextlib.nullcontext()
         held = self.class_probes if self.monitor is None else None
         with normalization_mode(model, "eval"), context:
-            logits = [fmt.logits(model(forget_x), forget_x.shape[0]).float()]
+            forward = fmt.caller(model)
+            logits = [fmt.logits(forward(forget_x), batch_size(forget_x)).float()]
             if noise_x.shape[0]:
-                logits.append(fmt.logits(self.site.run(model, noise_x), noise_x.shape[0]).float())
+                logits.append(fmt.logits(self.site.run(forward, noise_x), noise_x.shape[0]).float())
             if held is not None:
-                held_logits = fmt.logits(self.site.run(model, held[0]), held[0].shape[0])
+                held_logits = fmt.logits(self.site.run(forward, held[0]), held[0].shape[0])
                 agreement = top1_hits(held_logits, held[1]).float().mean()
         if not all(bool(t.isfinite().all()) for t in logits):
             out["non_finite"] = 1.0
@@ -227,7 +228,7 @@ class CollapseCheck:
                 out["non_finite"] = 1.0
         return out
 
-    def _monitor_accuracy(self, model: nn.Module, like: Tensor) -> tuple[float, bool]:
+    def _monitor_accuracy(self, model: nn.Module, like: ModelInput) -> tuple[float, bool]:
         correct, total, finite = 0, 0, True
         with normalization_mode(model, "eval"):
             for batch in self.monitor:  # type: ignore[union-attr]
@@ -290,7 +291,7 @@ class CollapseCheck:
         self.reference, self.last = dict(state["reference"]), dict(state["last"])
         self.halvings, self.checks = int(state["halvings"]), int(state["checks"])
         probes = state["probes"]
-        self._probes = (probes[0].to(device), probes[1].to(device)) if probes is not None else None
+        self._probes = (move(probes[0], device), probes[1].to(device)) if probes is not None else None
         if self._probes is not None:
             self.site.admit(self._probes[0])  # a module site runs its probes on a forget input
 

@@ -28,7 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_jit.core.batch import OutputSelector, check_forget_input, check_logits, select_output
+from lightning_jit.core.batch import (
+    ModelInput,
+    OutputSelector,
+    check_forget_input,
+    check_logits,
+    concat,
+    device_of,
+    index,
+    select_output,
+)
+from lightning_jit.core.batch import batch_size as count
 from lightning_jit.core.checks import choice, integer, positive
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
@@ -91,8 +101,8 @@ def _chunks(n_perturbations: int, batch_size: int, chunk: int) -> Iterator[list[
 
 
 def jit_objective(
-    model: nn.Module | Callable[[Tensor], Any],
-    x: Tensor,
+    model: nn.Module | Callable[[Any], Any],
+    x: ModelInput,
     sigma: float,
     n_perturbations: int = 25,
     *,
@@ -117,8 +127,12 @@ def jit_objective(
     cannot divide by a rounded zero.
 
     Args:
-        model: The classifier (any callable returning logits, or an output ``output_selector`` can read).
-        x: A floating-point batch of forget inputs, shape ``(B, ...)``.
+        model: The classifier (any callable returning logits, or an output ``output_selector`` can read), called on
+            ``x`` as one argument.
+        x: A floating-point batch of forget inputs, shape ``(B, ...)``; with a module ``site``, any input the model
+            takes: token ids, or a dict or tuple of tensors (token ids and their attention mask) that ``model`` takes
+            as one argument (e.g. :func:`~lightning_jit.core.batch.input_caller` of the model). Such an input is only
+            sliced and joined along the batch dimension: its other fields reach the model unchanged.
         sigma: Standard deviation of the Gaussian perturbations, in the units of ``x``.
         n_perturbations: ``N``, the number of perturbations per sample.
         reduction: ``"mean"`` averages the per-sample ratios over samples and perturbations (the step size then
@@ -158,11 +172,12 @@ def jit_objective(
         True
     """
     _check_call(reduction, sigma, n_perturbations, perturbation_chunk)
-    perturbation_chunk = resolve_perturbation_chunk(perturbation_chunk, x.device)
-    check_forget_input(x)
+    device = x.device if isinstance(x, Tensor) else device_of(x)
+    perturbation_chunk = resolve_perturbation_chunk(perturbation_chunk, device)
+    check_forget_input(x, structured=True)
     site = site if site is not None else InputSite(model if isinstance(model, nn.Module) else None)
-    site.admit(x)
-    batch_size = x.shape[0]
+    site.admit(x)  # the input site takes one floating-point tensor; a module site any input the model takes
+    batch_size = count(x)
     n = int(n_perturbations)
     chunk = n * batch_size if perturbation_chunk is None else int(perturbation_chunk)
     bounds = _clamp_bounds(x, clamp)
@@ -175,8 +190,9 @@ def jit_objective(
     pending: dict[int, Tensor] = {}  # noise of the perturbation indices the current chunk touches
     total = clean.new_zeros((), dtype=torch.float32)
     for group in _chunks(n, batch_size, chunk):
-        x_parts = [x if start == 0 and stop == batch_size else x[start:stop] for _, start, stop in group]
-        x_rows = x_parts[0] if len(x_parts) == 1 else torch.cat(x_parts)
+        x_parts = [x if start == 0 and stop == batch_size else index(x, slice(start, stop)) for _, start, stop in group]
+        x_rows = x_parts[0] if len(x_parts) == 1 else concat(x_parts)
+        n_rows = sum(stop - start for _, start, stop in group)
 
         def rows_noise(like: Tensor, group: list[tuple[int, int, int]] = group) -> Tensor:
             """The chunk's noise, shaped like its rows in the site's space (drawn when the site asks for it)."""
@@ -206,12 +222,12 @@ def jit_objective(
         with torch.no_grad(), site.perturbing(x_rows, rows_noise, bounds=bounds) as p:
             perturbed_out = select_output(model(p.inputs), output_selector)
         denominator = p.change()
-        perturbed_out = check_logits(perturbed_out, x_rows.shape[0]).detach()
+        perturbed_out = check_logits(perturbed_out, n_rows).detach()
         perturbed_out = output_geometry(perturbed_out, normalize_logits)
         # A chunk is a contiguous run of the (perturbation, sample) rows: row r is sample r mod B.
         first = group[0][0] * batch_size + group[0][1]
-        index = torch.arange(first, first + x_rows.shape[0], device=x.device) % batch_size
-        numerator = (clean[index] - perturbed_out).norm(dim=1)
+        rows = torch.arange(first, first + n_rows, device=device) % batch_size
+        numerator = (clean[rows] - perturbed_out).norm(dim=1)
         # A perturbation that clamping undid entirely has no defined ratio: it contributes nothing.
         ratio = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         total = total + ratio.sum()

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_jit.core.batch import OutputSelector, check_logits, select_output
+from lightning_jit.core.batch import ModelInput, OutputSelector, check_logits, select_output
+from lightning_jit.core.batch import batch_size as count
 from lightning_jit.core.noise import NoiseStream, PerturbationSpec
 from lightning_jit.core.settings import Reduction
 from lightning_jit.core.site import InputSite, PerturbationSite
@@ -19,9 +20,9 @@ _PENALTY_SEED_SALT = 0x5EED
 
 
 def logit_norm_penalty(
-    model: nn.Module | Callable[[Tensor], Any],
-    reference: Callable[[Tensor], Tensor],
-    x: Tensor,
+    model: nn.Module | Callable[[Any], Any],
+    reference: Callable[[Any], Any],
+    x: ModelInput,
     sigma: float,
     *,
     clean_logits: Tensor | None = None,
@@ -56,7 +57,8 @@ def logit_norm_penalty(
         model: The model being unlearned.
         reference: The original model's forward (no gradient needed), e.g. a
             :class:`~lightning_jit.core.reference.FrozenReference`.
-        x: The forget inputs, ``(B, ...)``.
+        x: The forget inputs, ``(B, ...)`` (with a module ``site``, any input the model takes, as in
+            :func:`~lightning_jit.core.objective.jit_objective`; ``model`` and ``reference`` take it as one argument).
         sigma: Std of the noisy copies, in input units (typically several times the JiT ``sigma``).
         clean_logits: ``model(x)`` if already computed with autograd.
         reference_logits: ``reference(x)`` if already computed (then only the noisy copies go through ``reference``).
@@ -84,7 +86,7 @@ def logit_norm_penalty(
         >>> round(logit_norm_penalty(net, frozen, x, sigma=0.1).item(), 5)
         1.0
     """
-    batch_size = x.shape[0]
+    batch_size = count(x)
     if clean_logits is None:
         clean_logits = select_output(model(x), output_selector)
     site = site if site is not None else InputSite(model if isinstance(model, nn.Module) else None)

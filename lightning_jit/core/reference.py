@@ -3,11 +3,13 @@ are not the module's own (sharded modules included)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.batch import ModelInput, call_model, device_of
 from lightning_jit.core.weights import is_sharded, local_shard, normalization_mode, reshard
 
 
@@ -33,39 +35,49 @@ class FrozenReference:
         True
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    #: It takes the model's input as one argument: a dict or tuple input is unpacked as ``unpack`` says.
+    takes_model_input = True
+
+    def __init__(self, module: nn.Module, unpack: bool = True) -> None:
         self.module = module
+        #: A dict input goes in as keyword arguments and a tuple as positional ones (``False``: as one argument).
+        self.unpack = unpack
         self.state = {
             name: tensor.detach().clone() for name, tensor in [*module.named_parameters(), *module.named_buffers()]
         }
 
     @classmethod
-    def from_state(cls, module: nn.Module, state: dict[str, Tensor], device: torch.device) -> FrozenReference:
+    def from_state(
+        cls, module: nn.Module, state: dict[str, Tensor], device: torch.device, unpack: bool = True
+    ) -> FrozenReference:
         """The frozen ``module`` with the parameters and buffers ``state`` (as :attr:`state` saved them)."""
         reference = cls.__new__(cls)
         reference.module = module
+        reference.unpack = unpack
         reference.state = {name: tensor.to(device) for name, tensor in state.items()}
         return reference
 
     @torch.no_grad()
-    def __call__(self, x: Tensor) -> Any:
+    def __call__(self, x: ModelInput) -> Any:
         return self.differentiable(x)
 
-    def differentiable(self, x: Tensor) -> Any:
+    def differentiable(self, x: ModelInput) -> Any:
         """The same forward with autograd left as it is, so that gradients can flow to ``x`` (the weights are
         detached copies: they never receive one). Used to synthesise class probes from the original model.
 
         The copy follows the inputs' device: the first call on another device moves it there once."""
         if not is_sharded(self.module):
             first = next(iter(self.state.values()), None)
-            if first is not None and first.device != x.device:
-                self.state = {name: tensor.to(x.device) for name, tensor in self.state.items()}
+            device = x.device if isinstance(x, Tensor) else device_of(x)
+            if first is not None and first.device != device:
+                self.state = {name: tensor.to(device) for name, tensor in self.state.items()}
         with normalization_mode(self.module, "eval"):
-            return call_with_state(self.module, self.state, x)
+            return call_with_state(self.module, self.state, x, self.unpack)
 
 
-def call_with_state(module: nn.Module, state: dict[str, Tensor], x: Tensor) -> Any:
-    """``module(x)`` evaluated with the parameters and buffers in ``state`` (keyed by name) instead of its own, which
+def call_with_state(module: nn.Module, state: dict[str, Tensor], x: ModelInput, unpack: bool = True) -> Any:
+    """``module(x)`` (a dict or tuple input unpacked as :func:`~lightning_jit.core.batch.call_model` does, with
+    ``unpack``) evaluated with the parameters and buffers in ``state`` (keyed by name) instead of its own, which
     are left as they are; autograd is left as it is.
 
     ``torch.func.functional_call``, except for a sharded module (``fully_shard``, FSDP2), which gathers its
@@ -78,6 +90,10 @@ def call_with_state(module: nn.Module, state: dict[str, Tensor], x: Tensor) -> A
         3.0
     """
     if not is_sharded(module):
+        if unpack and isinstance(x, Mapping):
+            return torch.func.functional_call(module, state, (), dict(x))
+        if unpack and isinstance(x, (tuple, list)):
+            return torch.func.functional_call(module, state, tuple(x))
         return torch.func.functional_call(module, state, (x,))
     named = [*module.named_parameters(), *module.named_buffers()]
     held = [(local_shard(t), local_shard(state[name])) for name, t in named if name in state]
@@ -87,7 +103,7 @@ def call_with_state(module: nn.Module, state: dict[str, Tensor], x: Tensor) -> A
         for mine, frozen in held:
             mine.copy_(frozen)
     try:
-        return module(x)
+        return call_model(module, x, unpack)
     finally:
         with torch.no_grad():
             reshard(module)

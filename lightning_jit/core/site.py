@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_jit.core.batch import ModelInput, batch_size, concat, describe_input, detached, index, map_tensors
 from lightning_jit.core.errors import JiTInputError, JiTSettingError
 
 #: What ``perturb_at`` takes: ``None`` or ``"auto"`` (the input, or the first ``nn.Embedding`` for integer inputs),
@@ -114,20 +115,21 @@ class PerturbationSite:
     #: Whether the noise goes to the input itself (then a labelled batch's survey needs no forward pass).
     perturbs_input: bool = True
 
-    def admit(self, x: Tensor) -> None:
-        """Check a forget batch's input ``x`` for this site (and remember what the site needs from it).
+    def admit(self, x: ModelInput) -> None:
+        """Check a forget batch's input ``x`` (one tensor, or a dict or tuple of tensors) for this site, and remember
+        what the site needs from it.
 
         Raises:
             JiTInputError: for an input the site cannot perturb.
         """
 
     def perturbing(
-        self, rows: Tensor, noise: NoiseRows, *, clean_first: bool = False, bounds: Any = None
+        self, rows: ModelInput, noise: NoiseRows, *, clean_first: bool = False, bounds: Any = None
     ) -> contextlib.AbstractContextManager[Perturbed]:
         """A context in which ``forward(p.inputs)`` is the model on ``rows`` with ``noise`` added at the site.
 
         Args:
-            rows: The inputs of the pass.
+            rows: The inputs of the pass (a module site takes a dict or tuple input too: it only joins it).
             noise: Called with the rows of the site's space that the noise goes to; returns the noise, shaped alike.
             clean_first: The pass takes ``rows`` twice: a clean copy first, then the perturbed one (so that one pass
                 evaluates both, as the logit-norm penalty's reference does); ``noise`` still sees ``len(rows)`` rows.
@@ -176,12 +178,21 @@ class InputSite(PerturbationSite):
     def __init__(self, model: nn.Module | None = None) -> None:
         self.model = model
 
-    def admit(self, x: Tensor) -> None:
-        if torch.is_floating_point(x):
+    def admit(self, x: ModelInput) -> None:
+        if isinstance(x, Tensor) and torch.is_floating_point(x):
             return
         embeddings = [n for n, m in self.model.named_modules() if isinstance(m, nn.Embedding)] if self.model else []
         example = embeddings[0] if embeddings else "embedding"
         found = f" The model's first `nn.Embedding` is `{example}`." if embeddings else ""
+        if not isinstance(x, Tensor):
+            raise JiTInputError(
+                f"The forget batch input is a {type(x).__name__} ({describe_input(x)}), and JiT perturbs the input by"
+                " default, which needs one floating-point tensor. For a model that takes several fields (token ids"
+                " with an attention mask, a dict or tuple input) set `perturb_at` to the module whose output the"
+                f" noise goes to, e.g. `perturb_at={example!r}` (`--jit.perturb_at={example}`); the other fields then"
+                f" reach the model unchanged.{found} Or set `input_key` / `batch_to_input` so that the input is one"
+                " floating-point tensor."
+            )
         raise JiTInputError(
             f"The forget batch input has dtype {x.dtype}, and JiT perturbs the input by default, which needs floating"
             f" point inputs. For token ids (or other categorical inputs) set `perturb_at` to the module whose output"
@@ -241,12 +252,12 @@ class ModuleSite(PerturbationSite):
         self.name = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
         self._path = next(n for n, m in model.named_modules() if m is self.module)
         self._modules = [self.module]  # the module, and the same module of the copies the site follows
-        self.carrier: Tensor | None = None
+        self.carrier: ModelInput = None
         self._dim: int | None = None
 
-    def admit(self, x: Tensor) -> None:
+    def admit(self, x: ModelInput) -> None:
         if self.carrier is None:
-            self.carrier = x[:1].detach().clone()
+            self.carrier = detached(index(x, slice(0, 1)), clone=True)
 
     @contextlib.contextmanager
     def _hook(self, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
@@ -282,14 +293,15 @@ class ModuleSite(PerturbationSite):
     ) -> Iterator[Perturbed]:
         if bounds is not None:
             raise JiTSettingError("clamp", f"clamps inputs; with `perturb_at={self.name!r}` it must be None.")
-        n = rows.shape[0]
-        p = Perturbed(torch.cat([rows, rows]) if clean_first else rows)
+        n = batch_size(rows)
+        p = Perturbed(concat([rows, rows]) if clean_first else rows)
+        rows_in = 2 * n if clean_first else n
 
         def add(output: Tensor) -> Tensor:
-            if output.shape[0] != p.inputs.shape[0]:
+            if output.shape[0] != rows_in:
                 raise JiTInputError(
                     f"The output of `perturb_at={self.name!r}` has {output.shape[0]} rows for a batch of"
-                    f" {p.inputs.shape[0]}: name a module whose output has the batch first."
+                    f" {rows_in}: name a module whose output has the batch first."
                 )
             part = output[n:] if clean_first else output
             perturbed = part + noise(part).to(output.dtype)
@@ -336,7 +348,10 @@ class ModuleSite(PerturbationSite):
     def run(self, forward: Callable[[Tensor], Any], z: Tensor) -> Any:
         if self.carrier is None:
             raise RuntimeError("A module site runs probes on a forget input: call `admit(x)` first.")
-        carrier = self.carrier.to(z.device).expand(z.shape[0], *self.carrier.shape[1:])
+        carrier = map_tensors(
+            lambda t: t.to(z.device).expand(z.shape[0], *t.shape[1:]) if t.dim() >= 1 else t.to(z.device),
+            self.carrier,
+        )
 
         def replace(output: Tensor) -> Tensor:
             if output.shape[1:] != z.shape[1:]:
@@ -416,16 +431,18 @@ class AutoSite(PerturbationSite):
             raise RuntimeError("`perturb_at='auto'` picks its site from the first forget input: call `admit(x)` first.")
         return self.picked
 
-    def admit(self, x: Tensor) -> None:
+    def admit(self, x: ModelInput) -> None:
         if self.picked is None:
-            embedding = None if torch.is_floating_point(x) else first_embedding(self.model)
+            one_float_tensor = isinstance(x, Tensor) and torch.is_floating_point(x)
+            embedding = None if one_float_tensor else first_embedding(self.model)
             if embedding is None:
                 site: PerturbationSite = InputSite(self.model)
-                site.admit(x)  # integer inputs without an embedding: the error that names `perturb_at`
+                site.admit(x)  # integer or dict inputs without an embedding: the error that names `perturb_at`
             else:
                 site = ModuleSite(self.model, embedding)
+                what = f"{x.dtype} ids" if isinstance(x, Tensor) else describe_input(x)
                 self.announce(
-                    f"JiT: the forget inputs are {x.dtype} ids, so the noise goes to the output of the model's first"
+                    f"JiT: the forget inputs are {what}, so the noise goes to the output of the model's first"
                     f" `nn.Embedding`, `{embedding}` (perturb_at='auto', the default). Name another module with"
                     f" `perturb_at` if that is not the token embedding."
                 )

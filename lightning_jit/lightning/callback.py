@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, batch_size
 from lightning_jit.core.batching import batch_size_for
 from lightning_jit.core.engine import JiTRun, StepReport
 from lightning_jit.core.errors import forward_failure
@@ -89,17 +89,18 @@ class _StrategyForward:
         self.wrapped = wrapped
         self.module = module
 
-    def __call__(self, x: Tensor) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model on its arguments (one input tensor, or a dict input's fields as keyword arguments)."""
         if not torch.is_grad_enabled() or self.wrapped is self.module:
-            return self.module(x)
+            return self.module(*args, **kwargs)
         if isinstance(self.wrapped, DistributedDataParallel):
             previous = self.wrapped.require_backward_grad_sync
             self.wrapped.require_backward_grad_sync = False
             try:
-                return self.wrapped(x)
+                return self.wrapped(*args, **kwargs)
             finally:
                 self.wrapped.require_backward_grad_sync = previous
-        return self.wrapped(x)
+        return self.wrapped(*args, **kwargs)
 
 
 def _do_nothing_closure() -> None:
@@ -454,7 +455,7 @@ class JiTUnlearningCallback(Callback):
         # The step must find the input in these batches: check one now, before any weight changes.
         first_size = batch_size or batch_size_for(n)
         first = self._with_ids(collate_fn([dataset[i] for i in range(min(n, first_size))]), ids[:first_size])
-        self.batch_format.forget_input(first)
+        self.batch_format.forget_input(first, structured=True)  # the run's site checks what it can perturb
         return forget
 
     def _with_ids(self, batch: Any, ids: Sequence[SampleId]) -> Any:
@@ -702,12 +703,12 @@ class JiTUnlearningCallback(Callback):
         with normalization_mode(pl_module, "eval"), trainer.precision_plugin.forward_context():
             for batch in self._batches(forget, indices):
                 batch = move_data_to_device(batch, trainer.strategy.root_device)
-                x = fmt.forget_input(batch)
+                x = fmt.forget_input(batch, structured=True)
                 try:
-                    output = pl_module(x)
+                    output = fmt.call(pl_module, x)
                 except (RuntimeError, TypeError) as err:  # the batch alone does not fit the model: name the cause
                     raise forward_failure(pl_module, x, err) from err
-                logits = fmt.logits(output, x.shape[0]).float()
+                logits = fmt.logits(output, batch_size(x)).float()
                 log_p = torch.log_softmax(logits, dim=1)
                 entropy += float(-(log_p.exp() * log_p).sum(dim=1).double().sum())
                 count += int(logits.shape[0])

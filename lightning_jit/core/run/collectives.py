@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_jit.core.batch import ModelInput, batch_size, index
+
 #: A factory of the context the forward passes run under (e.g. the precision plugin's autocast), or ``None``.
 ForwardContext = Callable[[], contextlib.AbstractContextManager[Any]] | None
 
@@ -63,21 +65,23 @@ def gather(coll: Collectives, values: Tensor) -> Tensor:
 
 
 def take_shard(
-    x: Tensor, labels: Tensor | None, keys: list[Any] | None, rank: int, world_size: int
-) -> tuple[Tensor, Tensor | None, list[Any] | None]:
-    """Rank ``rank``'s contiguous share of a global batch: ``ceil(B / world_size)`` samples (fewer for the last).
+    x: ModelInput, labels: Tensor | None, keys: list[Any] | None, rank: int, world_size: int
+) -> tuple[ModelInput, Tensor | None, list[Any] | None]:
+    """Rank ``rank``'s contiguous share of a global batch: ``ceil(B / world_size)`` samples (fewer for the last;
+    a dict or tuple input field by field).
 
     Example:
         >>> x, labels, _ = take_shard(torch.arange(5), torch.arange(5), None, rank=1, world_size=2)
         >>> x.tolist(), labels.tolist()
         ([3, 4], [3, 4])
     """
-    per_rank = -(-int(x.shape[0]) // max(1, int(world_size)))
-    start, stop = rank * per_rank, min(int(x.shape[0]), (rank + 1) * per_rank)
+    n = batch_size(x)
+    per_rank = -(-n // max(1, int(world_size)))
+    start, stop = rank * per_rank, min(n, (rank + 1) * per_rank)
     start = min(start, stop)
     return (
-        x[start:stop],
-        labels[start:stop] if labels is not None and labels.shape[0] == x.shape[0] else labels,
+        index(x, slice(start, stop)),
+        labels[start:stop] if labels is not None and labels.shape[0] == n else labels,
         keys[start:stop] if keys is not None else None,
     )
 

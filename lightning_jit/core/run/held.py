@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, move
 from lightning_jit.core.calibration import ForgetSurvey
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.distillation import DistillationSet
@@ -55,7 +55,7 @@ class HeldSamples:
         self.probes: DistillationSet | None = None
         self.retain: DistillationSet | None = None
         #: Retain samples of a forgotten label that the original recognised, checked at the end.
-        self.siblings: tuple[Tensor, Tensor] | None = None
+        self.siblings: tuple[ModelInput, Tensor] | None = None
 
     def setup(self, original: nn.Module, retain: Iterable[Any] | None, device: torch.device) -> None:
         """Freeze the original when a term needs it, and read the retain loader once (booked as ``retain``)."""
@@ -63,7 +63,7 @@ class HeldSamples:
         holds_retain = retain is not None and settings.retain_distillation > 0
         needs_reference = settings.logit_norm_penalty > 0 or settings.redistribution > 0
         if needs_reference or settings.probe_distillation > 0 or holds_retain:
-            self.reference = FrozenReference(original)
+            self.reference = FrozenReference(original, self.batch_format.unpack_input)
         if holds_retain:
             assert self.reference is not None
             with self.cost.kind("retain"):
@@ -72,7 +72,7 @@ class HeldSamples:
     def ensure_reference(self, original: nn.Module) -> FrozenReference:
         """The frozen original, frozen now if no term needed it so far."""
         if self.reference is None:
-            self.reference = FrozenReference(original)
+            self.reference = FrozenReference(original, self.batch_format.unpack_input)
         return self.reference
 
     def synthesise(self, found: ForgetSurvey, task: str, device: torch.device) -> int | None:
@@ -85,7 +85,7 @@ class HeldSamples:
         with self.cost.kind("synthesis"):
             self.probes = DistillationSet.synthesise(
                 self.reference,
-                found.starts.to(device),
+                move(found.starts, device),
                 kept,
                 settings.probes_per_class,
                 std=found.std,
@@ -93,14 +93,14 @@ class HeldSamples:
                 output_selector=self.batch_format.output_selector,
                 site=self.site,
             )
-        return int(self.probes.probes.shape[0])
+        return batch_size(self.probes.probes)
 
     def hold_out_siblings(self, classes: list[int]) -> int | None:
         """Take the retain samples of the forgotten ``classes`` out of the distillation, to check at the end;
         returns how many (``None`` for none)."""
         assert self.retain is not None
         self.siblings = self.retain.hold_out(classes)
-        if self.retain.probes.shape[0] == 0:
+        if batch_size(self.retain.probes) == 0:
             self.retain = None
         return int(self.siblings[1].shape[0]) if self.siblings is not None else None
 
@@ -129,17 +129,19 @@ class HeldSamples:
 
     def load_state_dict(self, state: dict[str, Any], original: nn.Module, device: torch.device) -> None:
         if state["reference"] is not None:
-            self.reference = FrozenReference.from_state(original, state["reference"], device)
+            self.reference = FrozenReference.from_state(
+                original, state["reference"], device, self.batch_format.unpack_input
+            )
         for name, held in state["held"].items():
             if held is not None:
                 distill = DistillationSet(
-                    *(t.to(device) for t in held[:3]), site=self.site if name == "probes" else None
+                    *(move(t, device) for t in held[:3]), site=self.site if name == "probes" else None
                 )
                 distill.load_state_dict({"offset": held[3]})
                 distill.labels = held[4].to(device) if held[4] is not None else None
                 setattr(self, name, distill)
         siblings = state["siblings"]
-        self.siblings = (siblings[0].to(device), siblings[1].to(device)) if siblings is not None else None
+        self.siblings = (move(siblings[0], device), siblings[1].to(device)) if siblings is not None else None
 
 
 __all__ = ["HeldSamples"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, index
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.objective import jit_objective
@@ -29,7 +29,7 @@ from lightning_jit.core.site import InputSite, PerturbationSite
 from lightning_jit.core.weights import normalization_mode
 
 
-def noise_norm(sigma: float, x: Tensor, site: PerturbationSite | None = None) -> float:
+def noise_norm(sigma: float, x: ModelInput, site: PerturbationSite | None = None) -> float:
     """``E||xi||`` of the noise on one input of ``x`` (a batch): ``sigma * sqrt(d)``, ``d`` the elements per sample
     in the site's space (the input's by default).
 
@@ -47,7 +47,7 @@ class StepLoss:
 
     loss: Tensor
     clean: Tensor
-    x: Tensor
+    x: ModelInput
     labels: Tensor | None
 
 
@@ -115,19 +115,19 @@ class LossAssembly:
         """This process's loss on ``batch``: under DDP (``world_size > 1``) scaled so that DDP's average of the
         processes' gradients is the one-process gradient of the global batch."""
         settings, fmt, coll = self.settings, self.batch_format, self.collectives
-        x = fmt.forget_input(batch)
+        x = fmt.forget_input(batch, structured=True)  # the site refuses what it cannot perturb
         labels = fmt.labels(batch)
-        if labels is not None and labels.shape[0] != x.shape[0]:
+        if labels is not None and labels.shape[0] != batch_size(x):
             raise JiTInputError(
-                f"The forget batch has {x.shape[0]} inputs but {labels.shape[0]} labels at"
+                f"The forget batch has {batch_size(x)} inputs but {labels.shape[0]} labels at"
                 f" `label_key={fmt.label_key!r}`. Set `label_key` to where the labels are, so that the stopping rule"
                 " can measure forget accuracy."
             )
         keys = fmt.ids(batch) if settings.seed is not None else None
         sharded = coll.split == "shard"
         distributed = coll.world_size > 1
-        batch_size = int(x.shape[0])  # the global batch under "shard": every process takes the same probes
-        global_size = batch_size * (1 if sharded or not distributed else coll.world_size)
+        size = batch_size(x)  # the global batch under "shard": every process takes the same probes
+        global_size = size * (1 if sharded or not distributed else coll.world_size)
         if sharded:
             x, labels, keys = take_shard(x, labels, keys, coll.rank, coll.world_size)
         # Under DDP each rank sums its share; the loss is rescaled below so that DDP's average is the global batch's.
@@ -136,11 +136,11 @@ class LossAssembly:
         calib, held, request = self.calibration, self.held, self.request
         sigma = calib.sigma
         with normalization_mode(model, settings.norm_policy), within(forward_context):
-            probe_loss, retain_loss = held.losses(forward, batch_size)
-            if x.shape[0] == 0:
+            probe_loss, retain_loss = held.losses(forward, size)
+            if batch_size(x) == 0:
                 # This rank's share of a small global batch is empty. It must still take part in the gradient
                 # all-reduce, so it back-propagates a zero that reaches every parameter the clean pass reaches.
-                full = fmt.forget_input(batch)[:1]
+                full = index(fmt.forget_input(batch, structured=True), slice(None, 1))
                 with self.cost.kind("clean"):
                     clean = fmt.logits(forward(full))
                 loss = clean.float().sum() * 0.0
@@ -150,10 +150,10 @@ class LossAssembly:
                     clean = fmt.logits(forward(x))
                 assert held.reference is not None
                 with self.cost.kind("penalty"), torch.no_grad():
-                    reference = fmt.logits(held.reference(x), x.shape[0])
+                    reference = fmt.logits(held.reference(x), batch_size(x))
                 loss = request.loss(clean, reference, labels)  # a sum over the samples, as `reduction="sum"`
                 if reduction == "mean":
-                    loss = loss / x.shape[0]
+                    loss = loss / batch_size(x)
             else:
                 with self.cost.kind("clean"):
                     clean = fmt.logits(forward(x))
@@ -182,7 +182,7 @@ class LossAssembly:
                 if settings.redistribution > 0 and calib.task == "class" and forget_classes:
                     assert held.reference is not None
                     with self.cost.kind("penalty"), torch.no_grad():
-                        reference_logits = fmt.logits(held.reference(x), x.shape[0])
+                        reference_logits = fmt.logits(held.reference(x), batch_size(x))
                     loss = loss + settings.redistribution * redistribution_loss(
                         clean, reference_logits, forget_classes, reduction=reduction
                     )

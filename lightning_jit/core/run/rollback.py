@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_jit.core.batch import BatchFormat
@@ -80,7 +80,7 @@ class Rollback:
         if self.check is not None and probes is not None:
             self.check.class_probes = (probes.probes, probes.targets.argmax(1))
 
-    def begin(self, model: nn.Module, x: Tensor, forward_context: ForwardContext, pre_run: WeightSnapshot) -> None:
+    def begin(self, model: nn.Module, x: Any, forward_context: ForwardContext, pre_run: WeightSnapshot) -> None:
         """Before the first step: the guard's reference measurements (booked as ``guard``)."""
         if self.check is None or self.check.begun:
             return

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, describe_input
 from lightning_jit.core.cost import CostCounter
+from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.matching import MAX_BASIS, HeldoutProjection, MarginTargets, label_margin, matching_loss
 from lightning_jit.core.membership import SampleTest, sample_test
 from lightning_jit.core.outcome import Outcome, Verification
@@ -101,7 +102,15 @@ class SampleRequest:
         (the same on every process)."""
         xs, ys, count = [], [], 0
         for batch in self.monitor or ():
-            x, y = batch_format.input_and_labels(batch, "monitor")
+            x, y = batch_format.input_and_labels(batch, "monitor", structured=True)
+            if not isinstance(x, Tensor):
+                raise JiTInputError(
+                    f"A sample request (`task='random'`) takes its update off held-out margin gradients computed per"
+                    f" sample, which need one input tensor, and the `monitor` input is a {type(x).__name__}"
+                    f" ({describe_input(x)}). Sample requests on dict or tuple inputs are not supported yet: set"
+                    " `input_key` or `batch_to_input` so that the input is one tensor, or forget whole classes"
+                    " (`task='class'`)."
+                )
             xs.append(x.to(device=like.device, dtype=like.dtype))
             ys.append(y.to(like.device).long())
             count += int(x.shape[0])

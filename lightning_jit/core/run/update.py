@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, batch_size
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.run.collectives import Collectives, ForwardContext, same, within
@@ -105,11 +105,11 @@ class Update:
             def moved_logits() -> Tensor:
                 mode = normalization_mode(self.model, self.settings.norm_policy)  # as the clean pass it compares to
                 with torch.no_grad(), mode, within(forward_context), self.cost.kind("calibration"):
-                    return self.batch_format.logits(forward(x), x.shape[0])
+                    return self.batch_format.logits(forward(x), batch_size(x))
 
             matching = self.request is not None and self.request.matching is not None
             device = self.params[0].device if self.params else torch.device("cpu")
-            self.calibration.calibrate_step(optimizer, moved_logits, clean, int(x.shape[0]), matching, device)
+            self.calibration.calibrate_step(optimizer, moved_logits, clean, batch_size(x), matching, device)
 
         if scaler is not None and scaler.is_enabled():
             if not self.calibration.step_calibrated and loss_finite and gradients_finite(self.params):
@@ -122,7 +122,7 @@ class Update:
                     calibrate()
                 (step_optimizer or optimizer.step)()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), applied, correct, int(x.shape[0])
+        return loss.detach(), applied, correct, batch_size(x)
 
 
 def scaled_step(

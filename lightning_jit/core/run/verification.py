@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_jit.core import batching
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, ModelInput, batch_size, concat, device_of, index, same_layout
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.guard import monitor_logits
@@ -128,8 +128,9 @@ class Verifier:
         self.collectives = collectives if collectives is not None else Collectives()
         self.device = like.device if like is not None else torch.device("cpu")
 
-    def _original_labels(self, x: Tensor, original: dict[str, Tensor]) -> Tensor:
-        return self.batch_format.logits(call_with_state(self.model, original, x)).argmax(1)
+    def _original_labels(self, x: ModelInput, original: dict[str, Tensor]) -> Tensor:
+        unpack = self.batch_format.unpack_input
+        return self.batch_format.logits(call_with_state(self.model, original, x, unpack)).argmax(1)
 
     @torch.no_grad()
     def measure_forget(
@@ -154,9 +155,9 @@ class Verifier:
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         measured_against = "labels"
 
-        def share(batch: Any) -> tuple[Tensor, Tensor | None]:
+        def share(batch: Any) -> tuple[ModelInput, Tensor | None]:
             batch = to_device(batch, device)
-            x, labels = fmt.forget_input(batch), fmt.labels(batch)
+            x, labels = fmt.forget_input(batch, structured=True), fmt.labels(batch)
             if coll.split == "shard":
                 x, labels, _ = take_shard(x, labels, None, coll.rank, coll.world_size)
             return x, labels
@@ -164,7 +165,7 @@ class Verifier:
         with normalization_mode(self.model, "eval"), self.cost.kind(kind):
             for x, labels in coalesced((share(batch) for batch in forget), batching.MAX_BATCH):
                 with within(forward_context):
-                    logits = fmt.logits(self.model(x), x.shape[0]).float()
+                    logits = fmt.logits(fmt.call(self.model, x), batch_size(x)).float()
                     if labels is None and original is not None:
                         measured_against = "original predictions"
                         labels = self._original_labels(x, original)
@@ -178,7 +179,7 @@ class Verifier:
                 labels = labels.clamp(0, logits.shape[1] - 1)
                 hit = top1_hits(logits, labels) & valid
                 confidence = (probs.gather(1, labels[:, None]).squeeze(1) * valid).sum().double()
-                size = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=confidence.device)
+                size = torch.tensor(float(batch_size(x)), dtype=torch.float64, device=confidence.device)
                 step = torch.stack([hit.sum().double(), confidence, size, valid.sum().double(), entropy])
                 totals += step.to(totals)
         if coll.world_size > 1:
@@ -231,8 +232,8 @@ class Verifier:
                         logits, labels = monitor_logits(self.model, fmt, batch, like)
                     else:
                         batch = to_device(batch, device)
-                        x, labels = fmt.forget_input(batch), fmt.labels(batch)
-                        logits = fmt.logits(self.model(x), x.shape[0])
+                        x, labels = fmt.forget_input(batch, structured=True), fmt.labels(batch)
+                        logits = fmt.logits(fmt.call(self.model, x), batch_size(x))
                         if labels is None:
                             if original is None:
                                 raise JiTInputError("The forget batches carry no labels; the held-out test needs them.")
@@ -252,22 +253,23 @@ class Verifier:
             joined.append(gather(self.collectives, flat))
         return Scores(joined[0], joined[1].bool(), joined[2], joined[3], joined[4], measured_against)
 
-    def recognised(self, x: Tensor, labels: Tensor, forward_context: ForwardContext) -> tuple[float, float]:
+    def recognised(self, x: ModelInput, labels: Tensor, forward_context: ForwardContext) -> tuple[float, float]:
         """How many of the held samples ``x`` the current weights give their ``labels``, and how many there are, over
         all processes (a no-grad pass in eval mode, :data:`~lightning_jit.core.batching.MAX_BATCH` at a time,
         counted as retain cost)."""
-        hits = torch.zeros(2, dtype=torch.float64, device=x.device)
+        hits = torch.zeros(2, dtype=torch.float64, device=device_of(x))
+        fmt = self.batch_format
         with torch.no_grad(), normalization_mode(self.model, "eval"), within(forward_context), self.cost.kind("retain"):
-            for i in range(0, x.shape[0], batching.MAX_BATCH):
-                chunk = x[i : i + batching.MAX_BATCH]
-                logits = self.batch_format.logits(self.model(chunk), chunk.shape[0])
+            for i in range(0, batch_size(x), batching.MAX_BATCH):
+                chunk = index(x, slice(i, i + batching.MAX_BATCH))
+                logits = fmt.logits(fmt.call(self.model, chunk), batch_size(chunk))
                 hits[0] += top1_hits(logits, labels[i : i + batching.MAX_BATCH]).sum()
-                hits[1] += chunk.shape[0]
+                hits[1] += batch_size(chunk)
         if self.collectives.world_size > 1:
             hits = self.collectives.sum(hits)
         return float(hits[0]), float(hits[1])
 
-    def siblings_lost(self, siblings: tuple[Tensor, Tensor], forward_context: ForwardContext) -> str | None:
+    def siblings_lost(self, siblings: tuple[ModelInput, Tensor], forward_context: ForwardContext) -> str | None:
         """Sub-class forgetting: why the forgetting took the whole label with it (retained samples of a forgotten
         label, recognised by the original, are no longer recognised), or ``None``."""
         hits, n = self.recognised(*siblings, forward_context)
@@ -284,7 +286,9 @@ def rolled_back(verification: Verification, reason: str) -> Verification:
     return dataclasses.replace(verification, outcome=Outcome.ROLLED_BACK, reason=reason)
 
 
-def coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+def coalesced(
+    pairs: Iterable[tuple[ModelInput, Tensor | None]], limit: int
+) -> Iterator[tuple[ModelInput, Tensor | None]]:
     """Join consecutive ``(inputs, labels)`` batches into batches of up to ``limit`` samples, so that a no-grad pass
     over a loader of small batches (batch 1) takes few forward passes. Batches join only when their inputs have the same
     sample shape, dtype and device and all or none have labels (one per input); a batch whose labels do not match its
@@ -296,40 +300,39 @@ def coalesced(pairs: Iterable[tuple[Tensor, Tensor | None]], limit: int) -> Iter
         >>> [(tuple(x.shape), None if y is None else tuple(y.shape)) for x, y in coalesced(pairs, 4)]
         [((2, 2), (2,)), ((3, 2), None)]
     """
-    xs: list[Tensor] = []
+    xs: list[ModelInput] = []
     ys: list[Tensor | None] = []
     count = 0
 
-    def joined() -> tuple[Tensor, Tensor | None]:
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    def joined() -> tuple[ModelInput, Tensor | None]:
+        x = xs[0] if len(xs) == 1 else concat(xs)
         labels = [y for y in ys if y is not None]
         if len(labels) < len(ys):
             return x, None
         return x, labels[0] if len(labels) == 1 else torch.cat(labels)
 
     for x, labels in pairs:
-        if x.shape[0] == 0:
+        n = batch_size(x)
+        if n == 0:
             continue
-        if labels is not None and (labels.dim() == 0 or labels.shape[0] != x.shape[0]):
+        if labels is not None and (labels.dim() == 0 or labels.shape[0] != n):
             if xs:  # labels that do not match the inputs one to one are scored as the batch gave them
                 yield joined()
                 xs, ys, count = [], [], 0
             yield x, labels
             continue
         fits = bool(xs) and (
-            x.shape[1:] == xs[0].shape[1:]
-            and x.dtype == xs[0].dtype
-            and x.device == xs[0].device
+            same_layout(x, xs[0])
             and (labels is None) == (ys[0] is None)
             and (labels is None or labels.shape[1:] == ys[0].shape[1:])  # type: ignore[union-attr]
-            and count + x.shape[0] <= limit
+            and count + n <= limit
         )
         if xs and not fits:
             yield joined()
             xs, ys, count = [], [], 0
         xs.append(x)
         ys.append(labels)
-        count += int(x.shape[0])
+        count += n
     if xs:
         yield joined()
 
