@@ -19,7 +19,7 @@ from lightning_jit.core.batch import input_caller
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import logit_norm_penalty
 from lightning_jit.core.reference import FrozenReference
-from lightning_jit.core.site import ModuleSite
+from lightning_jit.core.site import AutoSite, ModuleSite
 from tests._utils import fit_fails_without_changing, quiet_trainer
 
 FORGOTTEN = 3
@@ -201,10 +201,20 @@ def test_padded_positions_are_masked_in_the_objective_and_the_penalty(fresh, tok
 # ----------------------------------------------------------------------------------------------------------------------
 # Refusals, before any weight changes
 # ----------------------------------------------------------------------------------------------------------------------
-def test_dict_input_without_a_site_names_perturb_at(fresh, tokens):
-    fit_fails_without_changing(fresh, _forget(tokens), JiTInputError, r"perturb_at='embedding'")
+def test_dict_input_at_the_input_site_names_perturb_at(fresh, tokens):
+    fit_fails_without_changing(fresh, _forget(tokens), JiTInputError, r"perturb_at='embedding'", perturb_at="input")
     with pytest.raises(JiTInputError, match="`perturb_at`"):
         jit_objective(input_caller(fresh), {"input_ids": tokens[0][:4], "attention_mask": tokens[1][:4]}, 1.0, 2)
+
+
+def test_dict_input_with_no_setting_takes_the_first_embedding(fresh, tokens):
+    told = []
+    site = AutoSite(fresh, announce=told.append)
+    site.admit({"input_ids": tokens[0][:4], "attention_mask": tokens[1][:4]})
+    assert site.name == "embedding" and not site.perturbs_input
+    assert len(told) == 1 and "`embedding`" in told[0] and "'input_ids'" in told[0]
+    with pytest.raises(JiTInputError, match="`perturb_at`"):  # no embedding: the input site's refusal
+        AutoSite(nn.Sequential(nn.Flatten(), nn.Linear(8, 2))).admit({"x": torch.zeros(2, 8, dtype=torch.long)})
 
 
 def test_sample_request_on_a_dict_input_is_refused_naming_the_task(fresh, tokens):
