@@ -106,3 +106,17 @@ class RecordOnRankZero(pl.Callback):
         (callback,) = [c for c in trainer.callbacks if isinstance(c, JiTUnlearningCallback)]
         state = {"outcome": callback.outcome, "verification": callback.verification, "ledger": callback.ledger}
         torch.save({k: v.state_dict() if k == "ledger" else v for k, v in state.items()}, self.path)
+
+
+class RecordRunOnRankZero(pl.Callback):
+    """Saves, in rank 0 at ``teardown``, how a ``JiTUnlearning``'s run ended: its steps, whether ``max_cost`` ended it
+    and its cost counts (this process's), to ``path``."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def teardown(self, trainer, pl_module, stage):
+        if trainer.is_global_zero:
+            run = pl_module.run
+            state = {"steps": run.steps, "bound_reached": run.bound_reached, "cost": dict(run.cost.counts)}
+            torch.save(state, self.path)

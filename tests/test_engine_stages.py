@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lightning_jit.core.engine import JiTRun
 from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.outcome import Outcome, Verification
 from lightning_jit.core.run.budget import CostBound
+from lightning_jit.core.run.collectives import Collectives
 from lightning_jit.core.run.divergence import NONFINITE_PATIENCE, Divergence
 from lightning_jit.core.run.held import HeldSamples
 from lightning_jit.core.run.loss import LossAssembly
@@ -322,6 +324,66 @@ def test_the_cost_bound_against_hand_counts():
     copy = CostBound(10.0, cost)
     copy.load_state_dict(without_monitor.state_dict())
     assert copy.retain_setup == 20
+
+
+def _two_process_bounds(split: str, watches_monitor: bool = False) -> list[CostBound]:
+    """Two ranks' bounds whose ``sum`` is a real all-reduce between two threads (each waits for the other's tensor),
+    with the counts a two-process run of 6 steps books: each rank's half of the forget set's work, and the same
+    probes, guard checks and retain distillation on both."""
+    slots: list[torch.Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def reducer(rank: int):
+        def total(tensor: torch.Tensor) -> torch.Tensor:
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            out = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next
+            return out
+
+        return total
+
+    bounds = []
+    for rank, (clean, perturbed) in enumerate([(108, 288), (105, 280)]):  # 72 + 70 forget samples of 142
+        cost = CostCounter()
+        cost.counts.update(calibration=54, synthesis=2196, clean=clean, perturbed=perturbed, stopping_rule=71)
+        cost.counts.update(probes=108, guard=160, retain=20)
+        coll = Collectives(world_size=2, rank=rank, split=split, sum=reducer(rank))  # type: ignore[arg-type]
+        bound = CostBound(3.0, cost, watches_monitor=watches_monitor, collectives=coll)
+        bound.retain_setup = 8  # the retain loader's first read: set-up
+        bounds.append(bound)
+    return bounds
+
+
+def _on_both(bounds: list[CostBound], ask) -> list[object]:
+    """``ask(bound)`` on both ranks at once (each in its thread, as two processes would)."""
+    answers: list[object] = [None, None]
+
+    def on(rank: int) -> None:
+        answers[rank] = ask(bounds[rank])
+
+    threads = [threading.Thread(target=on, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    return answers
+
+
+def test_the_cost_bound_counts_the_work_every_process_repeats_once():
+    """Under DDP with one global batch shared out, each process's share of the forget set's work is summed and the
+    probes, the guard's checks and the retain distillation (the same on every process) are counted once: what one
+    process spends on the same batches."""
+    # By hand: clean 108 + 105, perturbed 288 + 280, stopping rule 71 + 71; once: probes 108, guard 160, retain 20 - 8.
+    once = 108 + 105 + 288 + 280 + 71 + 71 + 108 + 160 + 12
+    assert _on_both(_two_process_bounds("shard"), CostBound.spent) == [once, once]
+    # max_cost 3 per forget sample: 1203 samples are the bound of 401 forget samples, not of 402.
+    assert _on_both(_two_process_bounds("shard"), lambda b: (b.over(401), b.over(402))) == [(True, False)] * 2
+    # The guard reads the monitor: set-up, not counted at all.
+    assert _on_both(_two_process_bounds("shard", watches_monitor=True), CostBound.spent) == [once - 160] * 2
+    # With a DistributedSampler each process's probes are its own local batch's share: all of it is summed.
+    assert _on_both(_two_process_bounds("local"), CostBound.spent) == [once + 108 + 160 + 12] * 2
 
 
 def test_divergence_counts_streaks_by_hand():

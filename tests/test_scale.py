@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _utils import RecordOnRankZero, quiet_trainer, release_process_group
+from _utils import RecordOnRankZero, RecordRunOnRankZero, quiet_trainer, release_process_group
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -250,6 +250,44 @@ def test_the_no_knob_path_gives_the_same_weights_on_one_and_two_processes(digits
         two = _no_knob_run(_trained_state, data, 2, retain)
         update = _max_diff(one, {k: v for k, v in _trained_state.items()})
         assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
+
+
+#: A cost bound the digits run below reaches in its first pass, before it forgets to its target of 0%.
+BOUND = 12.0
+
+
+def _bounded_run(trained_state, data, devices: int, path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The no-knob path with a ``max_cost`` the run reaches before it forgets: the weights and how rank 0's run
+    ended."""
+    model = DigitsCNN()
+    model.load_state_dict(trained_state)
+    wrapper = JiTUnlearning(model, seed=0, max_cost=BOUND, target_forget_accuracy=0.0, on_unverified="keep")
+    trainer = quiet_trainer(
+        max_epochs=-1,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        callbacks=[RecordRunOnRankZero(path), release_process_group()],
+    )
+    trainer.fit(wrapper, forget_loader(data))
+    return _weights(model), torch.load(path, weights_only=False)
+
+
+@pytest.mark.slow
+def test_the_cost_bound_ends_one_and_two_process_runs_at_the_same_step(digits, _trained_state, tmp_path):
+    """The class probes' distillation and the guard's checks run in full on every process: the bound counts them
+    once, so two processes reach ``max_cost`` at the one-process step (it once summed them, and stopped earlier)."""
+    mask = class_mask(digits.y_train, [3])
+    ids = torch.nonzero(mask).flatten()[:96]
+    data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
+    one, ran_one = _bounded_run(_trained_state, data, 1, tmp_path / "one.pt")
+    two, ran_two = _bounded_run(_trained_state, data, 2, tmp_path / "two.pt")
+    assert ran_one["bound_reached"] and ran_one["cost"]["probes"] > 0 and ran_one["cost"]["guard"] > 0
+    assert (ran_two["steps"], ran_two["bound_reached"]) == (ran_one["steps"], ran_one["bound_reached"])
+    # Rank 0 took the same probes and guard checks as the one process (the bound counts them once).
+    assert [ran_two["cost"][k] for k in ("probes", "guard")] == [ran_one["cost"][k] for k in ("probes", "guard")]
+    update = _max_diff(one, {k: v for k, v in _trained_state.items()})
+    assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
 
 
 def _callback_run(trained_state, requests, job, devices: int, rank_zero) -> tuple[dict[str, Tensor], Any, dict]:
