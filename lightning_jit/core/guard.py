@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, move
 from lightning_jit.core.checks import boolean, choice, in_range, integer, validate
 from lightning_jit.core.errors import JiTInputError, JiTSettingError, MisconfigurationException
 from lightning_jit.core.noise import resolve_perturbation
@@ -111,14 +111,15 @@ class GuardEvent:
 
 
 def monitor_logits(model: nn.Module, batch_format: BatchFormat, batch: Any, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The model's logits and the labels of one ``monitor`` batch, moved to ``like``'s device and dtype; a batch that
-    cannot be read or does not fit the model raises ``MisconfigurationException`` naming ``monitor``."""
+    """The model's logits and the labels of one ``monitor`` batch, moved to ``like``'s device and its floating-point
+    tensors to ``like``'s dtype (token ids keep theirs); a batch that cannot be read or does not fit the model raises
+    ``MisconfigurationException`` naming ``monitor``."""
     try:
         x, y = batch_format.input_and_labels(batch, "monitor")
     except JiTInputError as err:
         raise MisconfigurationException(f"`monitor` yielded a batch JiT cannot read: {err}") from err
     try:
-        return batch_format.logits(model(x.to(device=like.device, dtype=like.dtype))), y
+        return batch_format.logits(model(move(x, like.device, like.dtype))), y
     except (RuntimeError, TypeError) as err:
         raise MisconfigurationException(
             f"`monitor` batch of shape {tuple(x.shape)} does not fit `model`: {err}"
