@@ -75,7 +75,7 @@ EPOCHS = {
     ("digits", "cnn"): 100,
     ("mnist", "mlp"): 60,
     ("mnist", "cnn"): 30,
-    ("token_digits", "transformer"): 60,
+    ("token_digits", "transformer"): 80,
     ("token_mnist", "transformer"): 40,
 }
 BATCH, LR = 64, 1e-3

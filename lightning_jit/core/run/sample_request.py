@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat
+from lightning_jit.core.batch import BatchFormat, move
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.matching import MAX_BASIS, HeldoutProjection, MarginTargets, label_margin, matching_loss
 from lightning_jit.core.membership import SampleTest, sample_test
@@ -97,12 +97,12 @@ class SampleRequest:
         return not self.settled
 
     def basis_samples(self, batch_format: BatchFormat, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The first :data:`~lightning_jit.core.matching.MAX_BASIS` held-out samples, on ``like``'s device and dtype
-        (the same on every process)."""
+        """The first :data:`~lightning_jit.core.matching.MAX_BASIS` held-out samples, on ``like``'s device, floating
+        inputs in its dtype (token ids keep theirs; the same on every process)."""
         xs, ys, count = [], [], 0
         for batch in self.monitor or ():
             x, y = batch_format.input_and_labels(batch, "monitor")
-            xs.append(x.to(device=like.device, dtype=like.dtype))
+            xs.append(move(x, like.device, like.dtype))
             ys.append(y.to(like.device).long())
             count += int(x.shape[0])
             if count >= MAX_BASIS:
