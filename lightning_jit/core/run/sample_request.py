@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_jit.core.accuracy import top1_hits
-from lightning_jit.core.batch import BatchFormat, describe_input
+from lightning_jit.core.batch import BatchFormat, describe_input, move
 from lightning_jit.core.cost import CostCounter
 from lightning_jit.core.errors import JiTInputError
 from lightning_jit.core.matching import MAX_BASIS, HeldoutProjection, MarginTargets, label_margin, matching_loss
@@ -98,8 +98,8 @@ class SampleRequest:
         return not self.settled
 
     def basis_samples(self, batch_format: BatchFormat, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The first :data:`~lightning_jit.core.matching.MAX_BASIS` held-out samples, on ``like``'s device and dtype
-        (the same on every process)."""
+        """The first :data:`~lightning_jit.core.matching.MAX_BASIS` held-out samples, on ``like``'s device, floating
+        inputs in its dtype (token ids keep theirs; the same on every process)."""
         xs, ys, count = [], [], 0
         for batch in self.monitor or ():
             x, y = batch_format.input_and_labels(batch, "monitor", structured=True)
@@ -111,7 +111,7 @@ class SampleRequest:
                     " `input_key` or `batch_to_input` so that the input is one tensor, or forget whole classes"
                     " (`task='class'`)."
                 )
-            xs.append(x.to(device=like.device, dtype=like.dtype))
+            xs.append(move(x, like.device, like.dtype))
             ys.append(y.to(like.device).long())
             count += int(x.shape[0])
             if count >= MAX_BASIS:
