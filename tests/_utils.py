@@ -120,3 +120,16 @@ class RecordRunOnRankZero(pl.Callback):
             run = pl_module.run
             state = {"steps": run.steps, "bound_reached": run.bound_reached, "cost": dict(run.cost.counts)}
             torch.save(state, self.path)
+
+
+def digit_tokens() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as 64 token ids (the pixel values 0-16), stratified 75/25:
+    ``(train ids, train labels, test ids, test labels)``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.reshape(-1, 64).astype("int64")
+    parts = train_test_split(x, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+    x_tr, x_te, y_tr, y_te = (torch.from_numpy(p) for p in parts)
+    return x_tr, y_tr.long(), x_te, y_te.long()

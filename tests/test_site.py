@@ -31,7 +31,7 @@ from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.settings import settings_parser
 from lightning_jit.core.site import InputSite, ModuleSite, site_for
 from lightning_jit.demo.data import load_digits_split
-from tests._utils import quiet_trainer
+from tests._utils import digit_tokens, quiet_trainer
 
 FORGOTTEN = 3
 
@@ -62,14 +62,7 @@ class FailsWithoutGrad(TokenNet):
 @pytest.fixture(scope="module")
 def tokens():
     """Digits as token ids: (train ids, train labels, test ids, test labels), a stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.images.reshape(-1, 64).astype("int64")
-    parts = train_test_split(x, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
-    x_tr, x_te, y_tr, y_te = (torch.from_numpy(p) for p in parts)
-    return x_tr, y_tr.long(), x_te, y_te.long()
+    return digit_tokens()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lightning_jit.core.objective import jit_objective
 from lightning_jit.core.penalties import logit_norm_penalty
 from lightning_jit.core.reference import FrozenReference
 from lightning_jit.core.site import AutoSite, ModuleSite
-from tests._utils import fit_fails_without_changing, quiet_trainer
+from tests._utils import digit_tokens, fit_fails_without_changing, quiet_trainer
 
 FORGOTTEN = 3
 PAD = 0
@@ -60,14 +60,8 @@ def _padded(ids: torch.Tensor, junk: int | None = None) -> tuple[torch.Tensor, t
 @pytest.fixture(scope="module")
 def tokens():
     """Digits as padded token ids: (train ids, train mask, train labels, test ids, test mask, test labels)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.images.reshape(-1, 64).astype("int64")
-    parts = train_test_split(x, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
-    x_tr, x_te, y_tr, y_te = (torch.from_numpy(p) for p in parts)
-    return (*_padded(x_tr), y_tr.long(), *_padded(x_te), y_te.long())
+    x_tr, y_tr, x_te, y_te = digit_tokens()
+    return (*_padded(x_tr), y_tr, *_padded(x_te), y_te)
 
 
 @pytest.fixture(scope="module")
