@@ -12,6 +12,9 @@ import torch
 from lightning_jit.demo.data import DigitsCNN, load_digits_split, train_classifier
 
 torch.set_num_threads(1)  # see _one_torch_thread below
+# The processes the tests start (ddp_spawn workers, the installed script, the GPU check's CPU run) take one thread too:
+# two workers on two threads each would share the 2 cores the suite is sized for.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
