@@ -426,17 +426,7 @@ def test_callback_forgets_a_class_of_a_token_model(_token_state, tokens, tmp_pat
     callback = JiTUnlearningCallback(
         TensorDataset(x_tr[ids], y_tr[ids], ids), perturb_at="net.embedding", when="fit_end", epochs=20
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback])
     trainer.fit(module, DataLoader(TensorDataset(x_tr[:64], y_tr[:64]), batch_size=64))
     assert callback.ledger.runs[-1]["outcome"] == "forgotten"
     with torch.no_grad():

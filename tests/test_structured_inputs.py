@@ -276,17 +276,7 @@ def test_callback_forgets_a_class_of_a_dict_batch_model(_state, tokens, tmp_path
     callback = JiTUnlearningCallback(
         DictSet(ids[keep], mask[keep], y[keep]), perturb_at="net.embedding", when="fit_end", epochs=20
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(limit_train_batches=1, default_root_dir=tmp_path, callbacks=[callback])
     trainer.fit(module, DataLoader(DictSet(ids[:64], mask[:64], y[:64]), batch_size=64))
     assert callback.ledger.runs[-1]["outcome"] == "forgotten"
     forgotten, _ = _accuracies(module.net.eval(), tokens)

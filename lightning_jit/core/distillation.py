@@ -26,7 +26,7 @@ from lightning_jit.core.batch import (
     move,
     select_output,
 )
-from lightning_jit.core.batch import batch_size as count
+from lightning_jit.core.batch import batch_size as count  # `loss` has an argument named `batch_size`
 from lightning_jit.core.errors import MisconfigurationException
 from lightning_jit.core.probes import counterfactual_probes, run_in_space
 from lightning_jit.core.site import PerturbationSite
