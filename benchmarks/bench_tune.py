@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     models = [m for m in args.models.split(",")] if args.models else None
     models = models or (["CNN"] if args.quick else list(MODELS))
     n_configs, max_epochs = (2, 2) if args.quick else (16, 30)
-    threads = 1 if args.workers > 1 else 2
+    threads = 1 if args.workers > 1 or args.quick else 2  # --quick: the test suite's processes take one thread
     jobs = [
         (m, s, args.quick, threads, held_out, n_configs, max_epochs, overrides, variants)
         for m in models

@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.bench_objective import bench, format_table, ratios
+from benchmarks.sharded_fit import run_all
 from lightning_jit import JiTSettings, JiTUnlearning
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask, load_digits_split, train_classifier
 from lightning_jit.lightning.data import forget_loader
@@ -176,7 +177,8 @@ def check_fsdp2(accelerator: str, out: Path, tiny: bool) -> dict[str, Any]:
     state = out / "sharded_trained.pt"
     torch.save(trained.state_dict(), state)
     devices = _processes(accelerator)
-    one = _sharded_fit(accelerator, 1, state, out / "sharded_one.pt")
+    kwargs = {"accelerator": accelerator, "devices": 1, "default_root_dir": out}
+    one = run_all(["wrapper"], trained.state_dict(), kwargs, shard=False)[0]["wrapper"]
     two = _sharded_fit(accelerator, devices, state, out / "sharded_many.pt", "--shard")
     update = _max_diff(one["weights"], trained.state_dict())
     diff = _max_diff(one["weights"], two["weights"])

@@ -3,7 +3,8 @@
 Run by ``tests/test_sharded.py`` (2 CPU processes, gloo) and by the GPU check (every GPU, NCCL).
 ``ModelParallelStrategy`` starts its other processes by running this script again (Lightning's subprocess launcher),
 so the sharded run cannot live inside a pytest process. The launching process is rank 0: it writes the full weights
-and the outcome it holds to ``--out``.
+and the outcome it holds to ``--out``. The unsharded one-device runs they are compared with need no launch: the test
+and the GPU check call :func:`run_all` in their own process.
 
 ``--runs`` names the runs, one after the other in the same processes (one launch, one process group): ``wrapper``
 (the default), ``retain`` (the wrapper with ``retain=``) and ``callback`` (``JiTUnlearningCallback`` in a training job
@@ -86,6 +87,22 @@ def run(name: str, state: dict[str, torch.Tensor], sharded: dict) -> tuple[dict[
     return weights, summary, trainer.global_rank
 
 
+def run_all(names: list[str], state: dict[str, torch.Tensor], trainer_kwargs: dict, shard: bool) -> tuple[dict, int]:
+    """The runs ``names``, in order, in this process (``{run: {"weights", "summary"}}``) and its global rank.
+
+    Unsharded (``shard=False``) on one device the runs need no launch: the tests and the GPU check call this in their
+    own process for the one-device side. With ``shard=True``, FSDP2 over every process, as docs/scale.md teaches it: a
+    new strategy per run (the launch and the process group are the first run's)."""
+    results, rank = {}, 0
+    for name in names:
+        kwargs = dict(trainer_kwargs)
+        if shard:
+            kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=kwargs["devices"], tensor_parallel_size=1)
+        weights, summary, rank = run(name, state, kwargs)
+        results[name] = {"weights": weights, "summary": summary}
+    return results, rank
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--state", required=True)
@@ -103,19 +120,13 @@ def main() -> None:
     if args.devices > 1 and not args.shard:
         raise SystemExit("--devices above 1 needs --shard")
     state = torch.load(args.state, map_location="cpu")
-    results, rank = {}, 0
-    for name in names:
-        # Lightning's files go next to --out. FSDP2 over every process, as docs/scale.md teaches it: a new strategy
-        # per run (the launch and the process group are the first run's).
-        sharded: dict = {
-            "accelerator": args.accelerator,
-            "devices": args.devices,
-            "default_root_dir": Path(args.out).parent,
-        }
-        if args.shard:
-            sharded["strategy"] = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-        weights, summary, rank = run(name, state, sharded)
-        results[name] = {"weights": weights, "summary": summary}
+    # Lightning's files go next to --out.
+    trainer_kwargs = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "default_root_dir": Path(args.out).parent,
+    }
+    results, rank = run_all(names, state, trainer_kwargs, args.shard)
     if rank == 0:
         torch.save(results[names[0]] if len(names) == 1 else results, args.out)
     if torch.distributed.is_initialized():

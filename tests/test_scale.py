@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import runpy
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from _utils import RecordOnRankZero, RecordRunOnRankZero, quiet_trainer, release_process_group
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,6 +26,7 @@ from lightning_jit.core.run.collectives import take_shard as _take_shard
 from lightning_jit.demo.data import DigitsCNN, accuracy, class_mask
 from lightning_jit.io import json_safe
 from lightning_jit.lightning.data import forget_loader
+from lightning_jit.lightning.ledger import AUDIT_FILENAME, read_audit
 
 MARK = 40.0  # a pixel value no digit has (they are normalised): the model below returns Inf for such samples
 
@@ -222,10 +225,10 @@ def test_compile_option_is_validated():
         JiTUnlearning(DigitsCNN(), sigma=0.1, lr=0.1, compile_model="yes")
 
 
-def _no_knob_run(trained_state, data, devices: int, retain=None) -> dict[str, Tensor]:
+def _no_knob_run(trained_state, data, devices: int) -> dict[str, Tensor]:
     model = DigitsCNN()
     model.load_state_dict(trained_state)
-    wrapper = JiTUnlearning(model, seed=0, retain=retain, on_unverified="keep")  # the path the README teaches
+    wrapper = JiTUnlearning(model, seed=0, on_unverified="keep")  # the path the README teaches
     trainer = quiet_trainer(
         max_epochs=-1,
         devices=devices,
@@ -239,29 +242,30 @@ def _no_knob_run(trained_state, data, devices: int, retain=None) -> dict[str, Te
 
 @pytest.mark.slow
 def test_the_no_knob_path_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state):
-    """Under the documented rule (ids, ``seed=``, ``use_distributed_sampler=False``), with and without ``retain=``.
-    The stopping rule's window once counted each process's share, so two processes stopped at another step."""
+    """Under the documented rule (ids, ``seed=``, ``use_distributed_sampler=False``); with ``retain=``: the cost-bound
+    test below. The stopping rule's window once counted each process's share, so two processes stopped at another
+    step."""
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
     data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
-    kept = torch.nonzero(~mask).flatten()[:20]
-    for retain in (None, DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10)):
-        one = _no_knob_run(_trained_state, data, 1, retain)
-        two = _no_knob_run(_trained_state, data, 2, retain)
-        update = _max_diff(one, {k: v for k, v in _trained_state.items()})
-        assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
+    one = _no_knob_run(_trained_state, data, 1)
+    two = _no_knob_run(_trained_state, data, 2)
+    update = _max_diff(one, {k: v for k, v in _trained_state.items()})
+    assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
 
 
 #: A cost bound the digits run below reaches in its first pass, before it forgets to its target of 0%.
 BOUND = 12.0
 
 
-def _bounded_run(trained_state, data, devices: int, path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The no-knob path with a ``max_cost`` the run reaches before it forgets: the weights and how rank 0's run
-    ended."""
+def _bounded_run(trained_state, data, devices: int, path, retain) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The no-knob path with ``retain=`` and a ``max_cost`` the run reaches before it forgets: the weights and how
+    rank 0's run ended."""
     model = DigitsCNN()
     model.load_state_dict(trained_state)
-    wrapper = JiTUnlearning(model, seed=0, max_cost=BOUND, target_forget_accuracy=0.0, on_unverified="keep")
+    wrapper = JiTUnlearning(
+        model, seed=0, retain=retain, max_cost=BOUND, target_forget_accuracy=0.0, on_unverified="keep"
+    )
     trainer = quiet_trainer(
         max_epochs=-1,
         devices=devices,
@@ -275,36 +279,43 @@ def _bounded_run(trained_state, data, devices: int, path) -> tuple[dict[str, Ten
 
 @pytest.mark.slow
 def test_the_cost_bound_ends_one_and_two_process_runs_at_the_same_step(digits, _trained_state, tmp_path):
-    """The class probes' distillation and the guard's checks run in full on every process: the bound counts them
-    once, so two processes reach ``max_cost`` at the one-process step (it once summed them, and stopped earlier)."""
+    """The class probes' and the retain samples' distillation and the guard's checks run in full on every process:
+    the bound counts them once, so two processes reach ``max_cost`` at the one-process step, with the one-process
+    weights (it once summed them, and stopped earlier)."""
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
     data = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
-    one, ran_one = _bounded_run(_trained_state, data, 1, tmp_path / "one.pt")
-    two, ran_two = _bounded_run(_trained_state, data, 2, tmp_path / "two.pt")
-    assert ran_one["bound_reached"] and ran_one["cost"]["probes"] > 0 and ran_one["cost"]["guard"] > 0
+    kept = torch.nonzero(~mask).flatten()[:20]
+    retain = DataLoader(TensorDataset(digits.x_train[kept], digits.y_train[kept]), batch_size=10)
+    one, ran_one = _bounded_run(_trained_state, data, 1, tmp_path / "one.pt", retain)
+    two, ran_two = _bounded_run(_trained_state, data, 2, tmp_path / "two.pt", retain)
+    replicated = ("probes", "retain", "guard")
+    assert ran_one["bound_reached"] and all(ran_one["cost"][k] > 0 for k in replicated), ran_one
     assert (ran_two["steps"], ran_two["bound_reached"]) == (ran_one["steps"], ran_one["bound_reached"])
-    # Rank 0 took the same probes and guard checks as the one process (the bound counts them once).
-    assert [ran_two["cost"][k] for k in ("probes", "guard")] == [ran_one["cost"][k] for k in ("probes", "guard")]
+    # Rank 0 took the same probes, retain samples and guard checks as the one process (the bound counts them once).
+    assert [ran_two["cost"][k] for k in replicated] == [ran_one["cost"][k] for k in replicated]
     update = _max_diff(one, {k: v for k, v in _trained_state.items()})
     assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
 
 
-def _callback_run(trained_state, requests, job, devices: int, rank_zero) -> tuple[dict[str, Tensor], Any, dict]:
-    """The weights after the job, its callback (in the launching process) and what rank 0's callback held."""
+def _callback_run(trained_state, requests, job, devices: int, root: Path) -> tuple[dict[str, Tensor], Any, dict]:
+    """The weights after the job, its callback (in the launching process) and what rank 0's callback held. The job
+    checkpoints under ``root / "ckpt"``, where the callback writes ``unlearned.ckpt`` and the audit file."""
     model = DigitsCNN(lr=0.0)  # the job itself changes nothing: the weights are the callback's
     model.load_state_dict(trained_state)
-    callback = JiTUnlearningCallback(requests, seed=0, when="fit_start", on_unverified="keep", audit_path=None)
+    callback = JiTUnlearningCallback(requests, seed=0, when="fit_start", on_unverified="keep")
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, save_on_train_epoch_end=True)
     trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=1,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
-        default_root_dir=rank_zero.parent,  # where the audit file goes
-        callbacks=[callback, RecordOnRankZero(rank_zero), release_process_group()],
+        enable_checkpointing=True,
+        default_root_dir=root,
+        callbacks=[callback, checkpoint, RecordOnRankZero(root / "rank0.pt"), release_process_group()],
     )
     trainer.fit(model, job)
-    return _weights(model), callback, torch.load(rank_zero, weights_only=False)
+    return _weights(model), callback, torch.load(root / "rank0.pt", weights_only=False)
 
 
 def _same_record(a: Verification | None, b: Verification | None) -> bool:
@@ -315,13 +326,13 @@ def _same_record(a: Verification | None, b: Verification | None) -> bool:
 def test_the_callbacks_no_knob_run_gives_the_same_weights_on_one_and_two_processes(digits, _trained_state, tmp_path):
     """Same weights, and (issue 21) under ``ddp_spawn``, whose fit runs in two new processes, the launching process's
     callback holds rank 0's outcome, verification and ledger (as rank 0 saved them), which match the one-process
-    run's."""
+    run's; rank 0's checkpoint and audit line record the same run."""
     mask = class_mask(digits.y_train, [3])
     ids = torch.nonzero(mask).flatten()[:96]
     requests = TensorDataset(digits.x_train[ids], digits.y_train[ids], ids)
     job = DataLoader(TensorDataset(digits.x_train[~mask][:64], digits.y_train[~mask][:64]), batch_size=32)
-    one, callback_one, _ = _callback_run(_trained_state, requests, job, 1, tmp_path / "one.pt")
-    two, callback_two, rank0 = _callback_run(_trained_state, requests, job, 2, tmp_path / "two.pt")
+    one, callback_one, _ = _callback_run(_trained_state, requests, job, 1, tmp_path / "one")
+    two, callback_two, rank0 = _callback_run(_trained_state, requests, job, 2, tmp_path / "two")
     update = _max_diff(one, {k: v for k, v in _trained_state.items()})
     assert update > 1e-2 and _max_diff(one, two) <= 1e-5 * update
     # The launching process holds exactly what rank 0 held.
@@ -337,10 +348,21 @@ def test_the_callbacks_no_knob_run_gives_the_same_weights_on_one_and_two_process
     v_one, v_two = callback_one.verification, callback_two.verification
     assert [getattr(v_two, f) for f in figures] == [getattr(v_one, f) for f in figures]
     run_one, run_two = callback_one.ledger.runs[0], callback_two.ledger.runs[0]
-    for key in ("ids", "counts", "outcome", "epochs_run", "steps"):
+    assert (run_two["world_size"], run_one["world_size"]) == (2, 1)
+    for key in ("ids", "counts", "outcome", "settings", "id_source", "epochs_run", "steps", "skipped_steps", "moment"):
         assert run_two[key] == run_one[key], key
     for key in ("metrics_before", "metrics_after"):  # each process runs its own conv kernels: equal up to rounding
         assert run_two[key] == pytest.approx(run_one[key], rel=1e-5), key
+    # Rank 0's files: the audit line is the ledger's run record plus the checkpoint's sha256 (which the checkpoint
+    # cannot hold about itself), and the checkpoint holds the ledger and the one-process weights.
+    folder = tmp_path / "two" / "ckpt"
+    (record,) = read_audit(folder / AUDIT_FILENAME)
+    assert record.pop("checkpoint_sha256") == hashlib.sha256((folder / "unlearned.ckpt").read_bytes()).hexdigest()
+    ckpt = torch.load(folder / "unlearned.ckpt", weights_only=False)
+    assert ckpt["callbacks"][callback_two.state_key]["ledger"] == callback_two.ledger.state_dict()
+    assert callback_two.ledger.runs == [record]
+    unlearned = DigitsCNN.load_from_checkpoint(folder / "unlearned.ckpt", strict=True)
+    assert _max_diff(_weights(unlearned), one) <= 1e-5 * update
 
 
 DDP_SCRIPT = Path(__file__).parent / "fixtures" / "ddp_launcher_run.py"

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks import sharded_fit
 from lightning_jit import JiTUnlearning
 from lightning_jit.core.reference import FrozenReference, call_with_state
 from lightning_jit.core.weights import WeightSnapshot, is_sharded
@@ -27,7 +28,7 @@ from lightning_jit.demo.data import DigitsCNN
 from lightning_jit.lightning.distributed import check_strategy_support, shard_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sharded_fit.py"
-RUNS = ("wrapper", "retain", "callback")  # sharded_fit.py's --runs
+RUNS = sharded_fit.RUNS
 
 
 def _fit(state_path: Path, out: Path, devices: int, *flags: str) -> dict:
@@ -46,14 +47,15 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def fsdp2_runs(_trained_state, tmp_path_factory) -> dict[str, dict]:
-    """The three runs of ``sharded_fit.py`` (wrapper, wrapper with ``retain=``, callback), each on one unsharded process
-    and sharded over 2: one launch per side, the three runs one after the other in the same processes."""
+    """The three runs of ``sharded_fit.py`` (wrapper, wrapper with ``retain=``, callback), sharded over 2 processes (one
+    launch, the three runs one after the other in the same processes) and unsharded in this process."""
     tmp_path = tmp_path_factory.mktemp("fsdp2")
     state_path = tmp_path / "trained.pt"
     torch.save(_trained_state, state_path)
-    runs = ",".join(RUNS)
-    one = _fit(state_path, tmp_path / "one.pt", 1, "--runs", runs)
-    two = _fit(state_path, tmp_path / "two.pt", 2, "--shard", "--runs", runs)
+    two = _fit(state_path, tmp_path / "two.pt", 2, "--shard", "--runs", ",".join(RUNS))
+    one, _ = sharded_fit.run_all(
+        list(RUNS), _trained_state, {"accelerator": "cpu", "devices": 1, "default_root_dir": tmp_path}, shard=False
+    )
     return {"one": one, "two": two}
 
 

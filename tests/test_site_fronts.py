@@ -1,5 +1,6 @@
-"""A perturbation site (``perturb_at``) through every front and scale check: the CLI on the token example, DDP
-equality, bf16, resuming from a checkpoint and the tuner.
+"""A perturbation site (``perturb_at``) through every front and scale check: the CLI on the token example, bf16,
+resuming from a checkpoint and the tuner (DDP equality with a site is ``tests/test_structured_inputs.py``'s, on dict
+batches).
 
 The token model is ``tests/test_site.py``'s (digits as 64 tokens over a vocabulary of 17, an ``nn.Embedding`` named
 ``embedding``); the CLI runs ``examples/token_classifier.py``'s transformer with ``examples/configs``.
@@ -28,7 +29,7 @@ from lightning_jit.core.site import first_embedding
 from lightning_jit.lightning.data import forget_loader
 from lightning_jit.tune import tune_jit
 from lightning_jit.tune.runner import TRIAL_SEED_STRIDE
-from tests._utils import quiet_trainer, release_process_group
+from tests._utils import quiet_trainer
 from tests.test_site import FORGOTTEN, TokenNet, _forget, _token_state, token_model, tokens  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,50 +147,8 @@ def test_the_cli_at_the_input_site_names_the_setting_and_writes_nothing(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Scale: DDP equality and bf16, with a site
+# Scale: bf16, with a site (DDP equality with a site: tests/test_structured_inputs.py, on dict batches)
 # ----------------------------------------------------------------------------------------------------------------------
-def _ddp_run(tokens, devices: int) -> dict[str, Tensor]:
-    """``tests/test_scale.py``'s DDP run, on the untrained token model with the noise in its embedding's output."""
-    x_tr, y_tr, _, _ = tokens
-    torch.manual_seed(0)
-    model = TokenNet()  # untrained: large gradients make any difference between the runs show
-    wrapper = JiTUnlearning(
-        model,
-        perturb_at="embedding",
-        sigma=0.2,
-        lr=0.05,
-        n_perturbations=5,
-        epochs=2,
-        seed=7,
-        perturbation_chunk=16,
-        guard=False,
-        logit_norm_penalty=1.0,
-        on_unverified="keep",
-        target_forget_accuracy=0.0,
-    )
-    data = TensorDataset(x_tr[:40], y_tr[:40], torch.arange(40))
-    # 40 samples in batches of 13: the last batch has a single sample, so one of the two ranks gets none of it.
-    trainer = quiet_trainer(
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        max_epochs=2,
-        use_distributed_sampler=False,
-        callbacks=[release_process_group()],
-    )
-    trainer.fit(wrapper, DataLoader(data, batch_size=13))
-    return _weights(model)
-
-
-@pytest.mark.slow
-def test_ddp_spawn_two_processes_give_the_one_process_weights_with_a_site(tokens):
-    torch.manual_seed(0)
-    initial = _weights(TokenNet())
-    one = _ddp_run(tokens, 1)
-    two = _ddp_run(tokens, 2)
-    assert _max_diff(initial, one) > 1e-3  # JiT changed the weights
-    assert _max_diff(one, two) < 1e-5  # the float DDP equality test's tolerance (tests/test_scale.py)
-
-
 @pytest.mark.slow
 def test_bf16_mixed_forgets_like_32_true_with_a_site(_token_state, tokens):
     """The no-knob path with ``perturb_at``, under ``bf16-mixed`` on the CPU: the perturbed passes run under autocast,
