@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pl.Trainer(max_epochs=args.train_epochs, **trainer_kwargs).fit(model, DataLoader(train, 64, shuffle=True))
     before = class_accuracy(model, test, args.forget_class)
 
-    # Forget one class: the forget set is its training samples, in the same dict batches. The engine takes one input
-    # tensor, so `input_key` picks the ids out of the dict (every mask here is all ones, which the model assumes when
-    # it gets none) and `label_key` the labels; JiT's noise goes into the token embedding's output.
+    # Forget one class: the forget set is its training samples, in the same dict batches. `input_key` passes the ids
+    # alone to the model (every mask here is all ones, which the model assumes when it gets none) and `label_key` names
+    # the labels; JiT's noise goes into the token embedding's output.
     forget = [i for i in range(len(train)) if int(train.labels[i]) == args.forget_class]
     forget_loader = DataLoader(torch.utils.data.Subset(train, forget), batch_size=64)
     unlearner = JiTUnlearning(

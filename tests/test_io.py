@@ -143,6 +143,7 @@ print("SAVED", flush=True)
 """
 
 
+@pytest.mark.slow  # a new Python process that imports Lightning
 @posix_only
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_unlearning_leaves_input_untouched_and_no_partial_output(tmp_path, signum):

@@ -142,6 +142,7 @@ def test_core_needs_no_lightning_but_its_exception():
     assert users == {"core/errors.py": ["lightning.fabric.utilities.exceptions"]}
 
 
+@pytest.mark.slow  # a new Python process that imports Lightning
 def test_every_public_name_resolves_lazily_to_its_module():
     """``lightning_jit`` imports its public names on first use; each one must exist where it says."""
     import importlib

@@ -163,6 +163,7 @@ def _ddp_run(digits, devices: int, strategy: str) -> tuple[dict[str, Tensor], Ve
     return _weights(model), wrapper.verification
 
 
+@pytest.mark.slow
 def test_ddp_spawn_two_processes_give_the_one_process_weights_and_outcome(digits):
     torch.manual_seed(0)
     initial = _weights(DigitsCNN())
