@@ -277,11 +277,7 @@ def test_the_tuner_runs_its_trials_through_the_site(token_model, tokens):
 def test_a_separate_original_is_perturbed_at_the_same_module(_token_state, tokens):
     """``original=`` (as the tuner's trials give it) is another module object: the survey, the probes and the penalty's
     frozen passes run through it, so the site must act on its module too. The weights equal a run without it."""
-    # Every parameter: with `original=` the survey's forward runs the original, so the update scope's order of the
-    # weight modules is not recorded (a separate matter, for float models too); here both runs move everything.
-    settings = JiTSettings(
-        perturb_at="embedding", epochs=2, target_forget_accuracy=0.0, on_unverified="keep", update_scope=None
-    )
+    settings = JiTSettings(perturb_at="embedding", epochs=2, target_forget_accuracy=0.0, on_unverified="keep")
     alone = _fresh(_token_state)
     quiet_trainer(max_epochs=-1).fit(JiTUnlearning(alone, settings), _forget(tokens))
     model = _fresh(_token_state)

@@ -337,6 +337,26 @@ def test_judge_monitored_and_random_measure_held_out_data(trained_cnn, digits):
 # ----------------------------------------------------------------------------------------------------------------------
 # tune_jit for real: one tiny search, the random task, bad arguments
 # ----------------------------------------------------------------------------------------------------------------------
+def test_a_trial_given_the_original_updates_what_the_run_without_it_updates(_trained_state, digits):
+    """A trial runs JiT on a working copy with ``original=`` the user's model (another module object), so the frozen
+    passes run the original. The no-knob run must still update only its ``update_scope`` (the last two weight modules
+    of the digits CNN, in the order the forward runs them): the weights equal, bit for bit, those of the same run
+    without ``original=``, which the tuned settings are used for. (The survey once recorded that order on the original's
+    modules, found none of the copy's, and updated every parameter.)"""
+    forget = _class_loader(digits, 3)
+    finals = []
+    for separate in (False, True):
+        model = DigitsCNN()
+        model.load_state_dict(_trained_state)
+        original = copy.deepcopy(model) if separate else None
+        quiet_trainer(max_epochs=-1).fit(JiTUnlearning(model, seed=0, on_unverified="keep", original=original), forget)
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+        moved = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, _trained_state[k]))
+        assert moved == ["head.1.bias", "head.1.weight", "head.3.bias", "head.3.weight"], (separate, moved)
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name
+
+
 def test_a_tiny_search_runs_jit_from_the_original_weights_and_leaves_the_model_alone(trained_cnn, digits, tmp_path):
     before = _state(trained_cnn)
     forget = _class_loader(digits, 1)

@@ -110,9 +110,10 @@ def survey_forget_set(
     classes are the original's predictions). Labelled batches after the first are not sent through the model.
 
     Args:
-        reference: The original model's forward (e.g. a :class:`~lightning_jit.core.reference.FrozenReference`);
-            it runs ``model``'s modules, so hooks on them see the pass.
-        model: The model whose weight modules are recorded in execution order.
+        reference: The original model's forward (e.g. a :class:`~lightning_jit.core.reference.FrozenReference`).
+        model: The model whose weight modules are recorded in execution order: hooks on them see the reference's
+            pass when it runs ``model``'s modules, and one forward of ``model`` on one forget sample when it runs
+            another module object (a separate original).
         forget: The forget batches.
         batch_format: How to read them.
         device: Where the model runs.
@@ -184,6 +185,12 @@ def survey_forget_set(
             stats += torch.stack([xf.new_tensor(batch_size(x)), xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()])
         if seen is None and first is not None:  # this process's share was empty: the model's width, from one input
             seen = torch.zeros(batch_format.logits(reference(first), 1).shape[1], dtype=torch.float64, device=device)
+        if not order and first is not None:
+            # The reference ran another module object (a separate `original=`, as the tuner's trials give it), so none
+            # of `model`'s weight modules ran: their order from one forward of `model` on one forget sample (every
+            # process takes it, so a sharded model's forward stays collective).
+            with torch.no_grad():
+                batch_format.caller(model)(first)
     finally:
         for handle in handles:
             handle.remove()
